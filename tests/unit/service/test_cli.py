@@ -1,0 +1,161 @@
+"""`erc` end to end on MNIST on the CPU, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def _erc(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = shutil.which("erc", path=env["PATH"])
+    assert exe, "the erc console script is installed"
+    return subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands(erc_env: dict, tmp_path: Path) -> None:
+    res = _erc(["--help"], erc_env, tmp_path)
+    assert res.returncode == 0
+    for cmd in ("train", "eval", "export", "intrinsic-dim", "data"):
+        assert cmd in res.stdout
+
+
+def test_train_eval_export_end_to_end(erc_env: dict, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "tiny"
+    res = _erc(
+        [
+            "train",
+            "--method",
+            "er",
+            "--width",
+            "0.125",
+            "--pgd-steps",
+            "2",
+            "--train-subset",
+            "2000",
+            "--eval-subset",
+            "500",
+            "--batch-size",
+            "50",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--set",
+            "method.clip=0.02",
+        ],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "er" and summary["last"]["test_n"] == 500
+    assert "clip: 0.02" in (run / "config.yaml").read_text()
+
+    res = _erc(
+        [
+            "eval",
+            str(run),
+            "--eps",
+            "0,0.1,0.3",
+            "--steps",
+            "5",
+            "--restarts",
+            "2",
+            "--n",
+            "200",
+            "--out",
+            str(tmp_path / "ev"),
+            "--no-progress",
+        ],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    accs = [p["accuracy"] for p in ev["points"]]
+    assert [p["eps"] for p in ev["points"]] == [0.0, 0.1, 0.3]
+    assert accs[0] == pytest.approx(ev["clean_accuracy"])
+    assert accs[0] >= accs[1] >= accs[2]
+    assert ev["attack"]["steps"] == 5 and ev["attack"]["restarts"] == 2 and ev["n"] == 200
+    png = (tmp_path / "ev" / "accuracy_vs_eps.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    res = _erc(
+        [
+            "export",
+            str(run),
+            "--name",
+            "tiny",
+            "--store",
+            str(tmp_path / "store"),
+            "--eval-n",
+            "300",
+            "--no-progress",
+        ],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    card = json.loads((tmp_path / "store" / "tiny" / "card.json").read_text())
+    assert card["metrics"][0]["n"] == 300
+
+    res = _erc(
+        [
+            "eval",
+            "tiny",
+            "--store",
+            str(tmp_path / "store"),
+            "--eps",
+            "0.3",
+            "--steps",
+            "3",
+            "--n",
+            "100",
+            "--update-card",
+            "--no-progress",
+        ],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    card = json.loads((tmp_path / "store" / "tiny" / "card.json").read_text())
+    assert [m["metric"] for m in card["metrics"]] == ["accuracy", "robust_accuracy"]
+    assert card["metrics"][1]["attack"]["steps"] == 3 and card["metrics"][1]["n"] == 100
+
+
+def test_intrinsic_dim_of_mnist_is_near_table_3(erc_env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "id.json"
+    res = _erc(
+        ["intrinsic-dim", "--dataset", "mnist", "--n", "1000", "--k", "6-12", "--out", str(out)],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["n"] == 1000 and r["k1"] == 6 and r["k2"] == 12
+    assert 10 <= r["estimate"] <= 16  # Table 3 reports 13 for MNIST
+
+
+def test_errors_are_clear(erc_env: dict, tmp_path: Path) -> None:
+    res = _erc(["train", "--set", "run.epoch=3"], erc_env, tmp_path)
+    assert res.returncode != 0 and "unknown config key run.epoch" in res.stderr
+    res = _erc(["eval", "no-such-model", "--store", str(tmp_path)], erc_env, tmp_path)
+    assert res.returncode != 0 and "no model 'no-such-model'" in res.stderr
+    res = _erc(
+        ["train", "--method", "boosting", "--epochs", "1", "--out", str(tmp_path / "r")], erc_env, tmp_path
+    )
+    assert res.returncode != 0 and "method.name: unknown value 'boosting'" in res.stderr
+
+
+def test_data_list_and_info(erc_env: dict, tmp_path: Path) -> None:
+    res = _erc(["data", "list"], erc_env, tmp_path)
+    assert res.stdout.split() == ["mnist", "fashion-mnist", "cifar10", "stl10", "tiny-imagenet"]
+    res = _erc(["data", "info", "mnist"], erc_env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["name"] == "mnist" or info.get("dataset") == "mnist"

@@ -1,0 +1,139 @@
+"""PGD / FGSM contract: inside the ball and the image box, mode and parameters untouched,
+reproducible with a seed, and effective on an undefended model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.attacks import fgsm, get_step, margin_loss, pgd
+
+
+def _tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_pgd_stays_in_ball_and_box(norm: str, eps: float, restarts: int, batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    x_adv = pgd(model, x, y, eps=eps, steps=7, norm=norm, restarts=restarts)
+    assert x_adv.shape == x.shape
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    dist = get_step(norm).distance(x_adv, x)
+    assert (dist <= eps + 1e-5).all()
+
+
+def test_per_sample_eps(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    eps = torch.linspace(0.0, 0.2, len(x))
+    x_adv = pgd(model, x, y, eps=eps, steps=5)
+    dist = (x_adv - x).flatten(1).abs().amax(1)
+    assert (dist <= eps + 1e-6).all()
+    assert dist[0] == 0, "eps 0 must leave the image unchanged"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_pgd_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
+    model = _tiny_cnn()
+    model.train(mode == "train")
+    x, y = batch
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
+    pgd(model, x, y, eps=0.1, steps=3)
+    fgsm(model, x, y, eps=0.1)
+    assert all(m.training == (mode == "train") for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_pgd_is_reproducible_with_a_generator(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    a = pgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(5))
+    b = pgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(5))
+    c = pgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_attacks_break_an_undefended_model() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=gen)
+    # Separable classes: a bright patch in a class-dependent row.
+    x = torch.rand(60, 1, 6, 6, generator=gen) * 0.3
+    for i, label in enumerate(y):
+        x[i, 0, 2 * label, :] += 0.6
+    model = _fit_linear(x, y)
+    clean = (model(x).argmax(1) == y).float().mean()
+    assert clean == 1.0
+    robust_pgd = (model(pgd(model, x, y, eps=0.3, steps=20)).argmax(1) == y).float().mean()
+    robust_fgsm = (model(fgsm(model, x, y, eps=0.3)).argmax(1) == y).float().mean()
+    assert robust_pgd <= 0.1
+    assert robust_pgd <= robust_fgsm
+    # Small eps leaves most predictions alone: the attack is not just noise that always wins.
+    assert (model(pgd(model, x, y, eps=0.01, steps=20)).argmax(1) == y).float().mean() >= 0.9
+
+
+def test_restarts_and_keep_best_never_weaken_the_attack(batch) -> None:
+    model = _tiny_cnn(3).eval()
+    x, y = batch
+
+    def robust(**kw) -> torch.Tensor:
+        x_adv = pgd(model, x, y, eps=0.05, steps=5, generator=torch.Generator().manual_seed(0), **kw)
+        return model(x_adv).argmax(1) == y
+
+    last = robust(keep_best=False)
+    best = robust(keep_best=True)
+    assert (best <= last).all(), "a sample fooled by the last iterate is also fooled with keep_best"
+    many = robust(keep_best=True, restarts=4)
+    assert (many <= best).all(), "restart 1 is shared, so more restarts can only fool more samples"
+
+
+def test_margin_loss_sign() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
+    y = torch.tensor([0, 1])
+    assert torch.allclose(margin_loss(logits, y), torch.tensor([-2.0, 3.0]))
+
+
+def test_pgd_margin_loss_and_validation(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    x_adv = pgd(model, x, y, eps=0.1, steps=3, loss="margin")
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="loss"):
+        pgd(model, x, y, eps=0.1, steps=1, loss="hinge")
+    with pytest.raises(KeyError, match="linf"):
+        pgd(model, x, y, eps=0.1, steps=1, norm="l1")
+    with pytest.raises(ValueError, match="shape"):
+        pgd(model, x, y, eps=torch.ones(3), steps=1)

@@ -1,0 +1,117 @@
+"""Projected gradient descent (Madry et al., 2018, "Towards Deep Learning Models Resistant to
+Adversarial Attacks") and FGSM (Goodfellow et al., 2015) as plain functions.
+
+Contract shared by every attack in this package:
+
+- ``model`` maps images ``[N, C, H, W]`` in [0, 1] to logits ``[N, classes]``;
+- the attack returns adversarial images of ``x``'s shape, inside the eps ball and in [0, 1];
+- the model's mode (train/eval) is never changed and no gradient is left on its parameters
+  (gradients come from ``torch.autograd.grad`` with respect to the input only);
+- ``eps`` may be a float or a tensor ``[N]`` of per-sample radii.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from training.attacks.steps import Radius, get_step, per_sample
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin ``max_{j != y} z_j - z_y`` per sample (positive once misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return other - true
+
+
+def _loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses summed, so each sample's input gradient does not depend on the batch size."""
+    if name == "ce":
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+    if name == "margin":
+        return margin_loss(logits.float(), y).sum()
+    raise ValueError(f"unknown attack loss {name!r}; known: ce, margin")
+
+
+def pgd(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: Radius,
+    alpha: Radius | None = None,
+    steps: int = 40,
+    norm: str = "linf",
+    restarts: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+    keep_best: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Untargeted PGD in the ``norm`` ball of radius ``eps`` around ``x``.
+
+    Args:
+        model: images in [0, 1] -> logits.
+        x: clean images ``[N, C, H, W]`` in [0, 1].
+        y: true labels ``[N]`` (int64).
+        eps: radius, float or ``[N]``.
+        alpha: step size; default ``2.5 * eps / steps`` (Madry et al.), the same for l_2.
+        steps: gradient steps per restart.
+        norm: ``"linf"`` or ``"l2"``.
+        restarts: independent runs; a sample counts as robust only if every restart fails, and
+            the returned image is the first one found that fools the model.
+        random_start: start uniformly inside the ball (else at ``x``).
+        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (CW margin).
+        keep_best: return, per sample, the first iterate that was misclassified (a stronger
+            evaluation); ``False`` returns each restart's last iterate, as the original PGD and
+            torchattacks do.
+        generator: RNG for the random starts (reproducible attacks).
+
+    Returns:
+        Adversarial images ``[N, C, H, W]``, detached.
+    """
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    step = get_step(norm)
+    x = x.detach()
+    y = y.detach()
+    eps_t = per_sample(eps, x)
+    alpha_t = per_sample(alpha, x) if alpha is not None else 2.5 * eps_t / max(steps, 1)
+
+    best = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def record(candidate: torch.Tensor, logits: torch.Tensor, force: bool = False) -> None:
+        """Keep ``candidate`` for samples it fools that nothing fooled before (or all if ``force``)."""
+        hit = (logits.argmax(dim=1) != y) & ~fooled
+        take = hit | (~fooled if force else torch.zeros_like(hit))
+        best[take] = candidate[take]
+        fooled.logical_or_(hit)
+
+    for r in range(restarts):
+        x_adv = step.random_start(x, eps_t, generator) if random_start else x.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            (grad,) = torch.autograd.grad(_loss(loss, logits, y), x_adv)
+            with torch.no_grad():
+                if keep_best:
+                    record(x_adv.detach(), logits)
+                x_adv = step.project(step.step(x_adv.detach(), grad, alpha_t), x, eps_t)
+        with torch.no_grad():
+            # Without keep_best, the last restart's final iterate stands for samples never fooled.
+            record(x_adv, model(x_adv), force=not keep_best and r == restarts - 1)
+            if keep_best and r == restarts - 1:
+                # Never fooled: return the final iterate (a valid point of the ball) rather than x.
+                best[~fooled] = x_adv[~fooled]
+    return best.detach()
+
+
+def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius, loss: str = "ce") -> torch.Tensor:
+    """Fast gradient sign method: one l_inf step of size eps from the clean image."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, loss=loss, keep_best=False)

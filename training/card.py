@@ -1,0 +1,201 @@
+"""Model cards and the model store: ``model_store/NAME/{weights.safetensors, card.json}``.
+
+The card travels with the weights (timm's pretrained cfg, nanoGPT's checkpoint dict): architecture
+and its arguments, dataset, input shape and channels, label names, embedding size and prior, the
+training method and config, the metrics measured *on the stored weights* with the attack that
+produced them, and the sha256 of the weights file. Loading refuses weights whose sha256 differs
+from the card's, and builds the network from the card alone. Only safetensors are read: nothing
+from the store can execute code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training import __version__
+from training.checkpoint import atomic_write_text
+from training.models import EmbeddingClassifier, create_model
+
+CARD_FORMAT = "erc-model-card/1"
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CardError(Exception):
+    """A model in the store that must not be served: bad card, unknown architecture, wrong hash."""
+
+
+@dataclass
+class ModelCard:
+    name: str
+    arch: str
+    arch_kwargs: dict[str, Any]
+    dataset: str
+    input_shape: list[int]  # [C, H, W] the network expects; images are floats in [0, 1]
+    label_names: list[str]
+    embed_dim: int
+    prior: str
+    method: str
+    weights_sha256: str
+    weights_dtype: str = "float32"
+    weights_file: str = WEIGHTS_FILE
+    method_description: str = ""
+    train_config: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # epochs, seconds per epoch, device, last log line
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # each with its attack settings and n
+    num_parameters: int = 0
+    input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+    format: str = CARD_FORMAT
+
+    @property
+    def channels(self) -> int:
+        return int(self.input_shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = self.channels
+        d["num_classes"] = self.num_classes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "card") -> ModelCard:
+        if d.get("format") != CARD_FORMAT:
+            raise CardError(f"{source}: format is {d.get('format')!r}, expected {CARD_FORMAT!r}")
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise CardError(f"{source}: missing field(s) {', '.join(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_card(model_dir: str | os.PathLike[str]) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CardError(f"{path}: no card") from None
+    except json.JSONDecodeError as exc:
+        raise CardError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CardError(f"{path}: top level must be an object")
+    return ModelCard.from_dict(data, str(path))
+
+
+def write_card(model_dir: str | os.PathLike[str], card: ModelCard) -> None:
+    atomic_write_text(Path(model_dir) / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n")
+
+
+def build_model(card: ModelCard) -> EmbeddingClassifier:
+    try:
+        model = create_model(card.arch, **card.arch_kwargs)
+    except KeyError as exc:
+        raise CardError(f"card {card.name!r}: {exc.args[0]}") from None
+    except TypeError as exc:
+        raise CardError(f"card {card.name!r}: bad arguments for {card.arch!r}: {exc}") from None
+    if not isinstance(model, EmbeddingClassifier):
+        raise CardError(f"card {card.name!r}: {card.arch!r} is not a servable EmbeddingClassifier")
+    return model
+
+
+def load_model(
+    model_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[EmbeddingClassifier, ModelCard]:
+    """Verify and load a stored model; returns it in eval mode, float32, on ``device``."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    weights = model_dir / card.weights_file
+    if Path(card.weights_file).name != card.weights_file:
+        raise CardError(f"{model_dir / CARD_FILE}: weights_file must be a plain file name")
+    if not weights.is_file():
+        raise CardError(f"{weights}: weights file missing")
+    actual = sha256_file(weights)
+    if actual != card.weights_sha256:
+        raise CardError(f"{weights}: sha256 {actual} does not match the card's {card.weights_sha256}")
+    model = build_model(card)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CardError(f"{weights}: unreadable safetensors file ({exc})") from None
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CardError(f"{weights}: does not fit {card.arch}: {exc}") from None
+    return model.to(device).eval(), card
+
+
+def save_weights(model: torch.nn.Module, path: Path, dtype: str) -> None:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    target = STORAGE_DTYPES[dtype]
+    state = {
+        k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(path), metadata={"format": "pt", "dtype": dtype})
+
+
+class StagedModel:
+    """A model directory being written: weights first (so metrics can be measured on the stored
+    weights), the card last, then one rename into the store. Nothing appears under the final name
+    until ``commit``; an abandoned stage is removed."""
+
+    def __init__(self, store: str | os.PathLike[str], name: str) -> None:
+        if not name or "/" in name or name.startswith(".") or name != Path(name).name:
+            raise ValueError(f"invalid model name {name!r}")
+        self.store = Path(store)
+        self.name = name
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.store))
+
+    def write_weights(self, model: torch.nn.Module, dtype: str) -> str:
+        """Store the weights in ``dtype``; returns their sha256 for the card."""
+        path = self.dir / WEIGHTS_FILE
+        save_weights(model, path, dtype)
+        return sha256_file(path)
+
+    def commit(self, card: ModelCard) -> Path:
+        card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        card.versions = card.versions or {"erc": __version__, "torch": str(torch.__version__)}
+        write_card(self.dir, card)
+        load_model(self.dir)  # the staged directory must load before it replaces anything
+        final = self.store / self.name
+        old = None
+        if final.exists():
+            old = self.store / f".{self.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(self.dir, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""Training configuration: one frozen dataclass per concern, overridable from YAML and CLI flags.
+
+Resolution order: dataclass defaults < YAML file < ``section.field=value`` overrides. The resolved
+config is saved in the run directory (``config.yaml``) and inside every checkpoint, so a run can
+always be reproduced or resumed from what it wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be applied; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"  # dataset name, see `erc data list`
+    data_dir: str | None = None  # folder holding the dataset files; None searches the usual places
+    train_subset: int | None = None  # train on n samples of a seeded permutation; None: the full train split
+    eval_subset: int | None = 1000  # clean test accuracy after each epoch on this many test images
+    batch_size: int = 128  # global batch size, split evenly over DDP ranks
+    augment: str = "none"  # "none" or "crop-flip" (4-pixel random crop + horizontal flip)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str | None = None  # registry name; None picks the method family's architecture for the dataset
+    embed_dim: int | None = None  # embedding size k (ER family); None: Table 3 (mnist 4, cifar10 16, ...)
+    width: float = 1.0  # channel multiplier; 1.0 is the paper's size, 0.25 a slim CPU variant
+    prior: str = "gaussian"  # embedding prior: gaussian N(0,1), uniform U(-3,3), cauchy C(0,1)
+    noise_init: float | None = None  # RSE noise std before the first conv; None: method default
+    noise_inner: float | None = None  # RSE noise std before the other convs; None: method default
+    ensemble: int | None = None  # RSE: noisy passes averaged at inference; None: method default
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # encoder learning rate (the whole network's for baselines)
+    disc_lr_mult: float = 0.5  # discriminator lr = 0.5 * lr (Listing 1)
+    cls_lr_mult: float = 0.05  # classifier lr = 0.05 * lr (Listing 1)
+    beta1: float = 0.9  # Adam betas (Listing 1 uses the defaults)
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    step_size: int = 30  # StepLR period in epochs (Listing 1)
+    gamma: float = 0.5  # StepLR decay (Listing 1)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "er"  # er, er-minus, e-cla, vae-cla, none, madry, rse
+    minmax: bool | None = None  # PGD min-max training; None: the method's default (er, madry: on)
+    lambda_disc: float = 1.0  # lambda of Algorithm 1 step 7 (LAMBDA in Listing 1)
+    lambda_cls: float = 1.0  # weight of the classification loss (LAMBDA0)
+    lambda_enc: float = 1.0  # weight of the encoder's prior-matching term, step 9 (LAMBDA1)
+    clip: float = 0.01  # WGAN weight clipping of the discriminator's parameters
+    kl_weight: float = 1.0  # vae-cla: weight of the KL term
+
+
+@dataclass(frozen=True)
+class AdvConfig:
+    eps: float | None = None  # l_inf radius for min-max training; None: the dataset's (0.3, 0.03, 0.03, 0.01)
+    steps: int = 10  # PGD steps per training batch
+    alpha: float | None = None  # PGD step size; None: 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True  # uniform start in the eps ball
+    bn_mode: str = "eval"  # mode of the network while crafting examples: "eval" keeps BN statistics clean
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int = 10
+    seed: int = 0
+    out_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, checkpoint.pt
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    amp: str = "none"  # "none" or "bf16" (CUDA autocast)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the network used to craft adversarial examples
+    eval_adv_n: int = (
+        0  # after each epoch, PGD-20 robust accuracy at the training eps on this many test images
+    )
+    progress: bool = True  # tqdm progress bars (rank 0 only)
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check (and gently convert) ``value`` against a field annotation like ``int | None``."""
+    if isinstance(value, str) and annotation is not str:
+        # CLI values arrive as strings: parse them the way YAML would ("0.3", "true", "null").
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {exc}") from None
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    for t in args:
+        if t is type(None):
+            continue
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    names = " | ".join(getattr(t, "__name__", str(t)) for t in args)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Return ``cfg`` with ``{"section.field": value}`` overrides applied (values may be strings)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if "." not in dotted:
+            raise ConfigError(f"override {dotted!r} must look like section.field (e.g. run.epochs)")
+        section, name = dotted.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    return _merge(cfg, sections)
+
+
+def _merge(cfg: TrainConfig, tree: Mapping[str, Any]) -> TrainConfig:
+    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    replaced: dict[str, Any] = {}
+    for section, values in tree.items():
+        if section not in top:
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join(top)}")
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        current = getattr(cfg, section)
+        hints = _section_types(type(current))
+        changes = {}
+        for name, value in values.items():
+            if name not in hints:
+                raise ConfigError(f"unknown config key {section}.{name}; known: {', '.join(hints)}")
+            changes[name] = _coerce(f"{section}.{name}", value, hints[name])
+        replaced[section] = dataclasses.replace(current, **changes)
+    return dataclasses.replace(cfg, **replaced)
+
+
+def from_dict(tree: Mapping[str, Any]) -> TrainConfig:
+    """Build a config from a nested mapping (as saved in ``config.yaml`` or a checkpoint)."""
+    return _merge(TrainConfig(), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    cfg = TrainConfig()
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        cfg = _merge(cfg, tree)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

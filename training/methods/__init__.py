@@ -1,0 +1,45 @@
+"""Training methods by name: how one batch updates the networks.
+
+==========  =======================================================  ========  =================
+name        what                                                     network   min-max default
+==========  =======================================================  ========  =================
+er          ER-Classifier, Algorithm 1 (encoder, critic, classifier)  Fig 9-10  on
+er-minus    ER-Classifier without min-max                            Fig 9-10  off
+e-cla       encoder + classifier only (no discriminator)             Fig 9-10  off
+vae-cla     variational encoder + KL to N(0, I) + classifier         Fig 9-10  off
+none        baseline network, clean training                         Fig 8     off
+madry       baseline network, PGD adversarial training               Fig 8     on
+rse         baseline network with noise layers, ensemble at test     Fig 8     off
+==========  =======================================================  ========  =================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from training.config import TrainConfig
+from training.data import DatasetInfo
+from training.methods.base import Method
+from training.methods.baseline import MadryMethod, RSEMethod, StandardMethod
+from training.methods.er import EClaMethod, ERMethod, ERMinusMethod, VAEClaMethod
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (ERMethod, ERMinusMethod, EClaMethod, VAEClaMethod, StandardMethod, MadryMethod, RSEMethod)
+}
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def create_method(
+    cfg: TrainConfig, info: DatasetInfo, device: torch.device, *, distributed: bool = False
+) -> Method:
+    return get_method(cfg.method.name)(cfg, info, device, distributed=distributed)
+
+
+__all__ = ["METHODS", "Method", "create_method", "get_method"]

@@ -1,0 +1,196 @@
+"""What every training method shares: building the network from the config, the optional PGD
+min-max inner loop, autocast, DDP wrapping, optimizers and schedulers, and checkpoint state.
+
+A method's ``train_step(x, y)`` takes one batch (images ``[B, C, H, W]`` in [0, 1] on the device,
+labels ``[B]``) and updates the networks; it returns detached scalar tensors (no host sync) for
+logging. ``model`` is always the plain (non-DDP, non-compiled) :class:`EmbeddingClassifier` that
+is evaluated and exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training.attacks import pgd
+from training.config import TrainConfig
+from training.data import DatasetInfo
+from training.models import EmbeddingClassifier, arch_for, create_model
+
+
+class Method:
+    name: ClassVar[str]
+    family: ClassVar[str]  # "er" (encoder + classifier from Figures 9-10) or "baseline" (Figure 8)
+    minmax_default: ClassVar[bool]  # PGD min-max training unless the config says otherwise
+    description: ClassVar[str]
+
+    def __init__(
+        self, cfg: TrainConfig, info: DatasetInfo, device: torch.device, *, distributed: bool
+    ) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.device = device
+        self.distributed = distributed
+        self.arch = cfg.model.arch or arch_for(info.name, self.family)
+        self.arch_kwargs = self.build_arch_kwargs()
+        model = create_model(self.arch, **self.arch_kwargs)
+        if not isinstance(model, EmbeddingClassifier):
+            raise TypeError(f"architecture {self.arch!r} is not an EmbeddingClassifier")
+        self.model: EmbeddingClassifier = self._place(model)
+        self.minmax = cfg.method.minmax if cfg.method.minmax is not None else self.minmax_default
+        self.eps = cfg.adv.eps if cfg.adv.eps is not None else info.train_eps
+        # The network the inner maximisation differentiates; compiled separately when asked,
+        # since most of a min-max step is spent there.
+        self.attack_model: Any = torch.compile(self.model) if cfg.run.compile else self.model
+        self.modules: dict[str, nn.Module] = {"model": self.model}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+        self.build()
+
+    # -- construction -------------------------------------------------------------------------
+    def build_arch_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the architecture builder; stored in checkpoints and model cards."""
+        kw: dict[str, Any] = {"num_classes": self.info.num_classes, "width": self.cfg.model.width}
+        if self.info.mean is not None and self.info.std is not None:
+            kw["mean"] = list(self.info.mean)
+            kw["std"] = list(self.info.std)
+        if self.family == "er" and self.cfg.model.embed_dim is not None:
+            kw["embed_dim"] = self.cfg.model.embed_dim
+        for key in ("noise_init", "noise_inner", "ensemble"):
+            value = getattr(self.cfg.model, key)
+            if value is not None:
+                kw[key] = value
+        return kw
+
+    def build(self) -> None:
+        """Create optimizers, schedulers and any extra networks (subclasses)."""
+        raise NotImplementedError
+
+    def _place(self, module: nn.Module) -> Any:
+        module = module.to(self.device)
+        if self.cfg.run.channels_last:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return module
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel around ``module`` when running under torchrun, else itself."""
+        if not self.distributed:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def adam(self, params: Iterator[nn.Parameter], lr: float) -> torch.optim.Adam:
+        o = self.cfg.optim
+        return torch.optim.Adam(params, lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+    def add_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizers[name] = optimizer
+        o = self.cfg.optim
+        self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=o.step_size, gamma=o.gamma
+        )
+
+    # -- per batch ----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.run.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD examples against ``C(Q(x))`` when min-max training is on, else ``x`` itself."""
+        if not self.minmax:
+            return x
+        adv = self.cfg.adv
+        was_training = self.model.training
+        if adv.bn_mode == "eval":
+            self.model.eval()
+        try:
+            with self.autocast():
+                return pgd(
+                    self.attack_model,
+                    x,
+                    y,
+                    eps=self.eps,
+                    alpha=adv.alpha,
+                    steps=adv.steps,
+                    random_start=adv.random_start,
+                    keep_best=False,
+                )
+        finally:
+            self.model.train(was_training)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules.values():
+            m.train(mode)
+
+    def step_schedulers(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for kind, table in (
+            ("modules", self.modules),
+            ("optimizers", self.optimizers),
+            ("schedulers", self.schedulers),
+        ):
+            saved = state[kind]
+            if set(saved) != set(table):
+                raise ValueError(
+                    f"checkpoint {kind} {sorted(saved)} do not match this method's {sorted(table)}"
+                )
+            for k, obj in table.items():
+                obj.load_state_dict(saved[k])
+
+
+class _Features(nn.Module):
+    """``encoder(normalize(x))`` as its own module, so DDP can wrap the encoder without the head.
+
+    With ``distribution=True`` (VAE encoders) it returns ``(mu, logvar)`` instead of the code.
+    """
+
+    def __init__(self, model: EmbeddingClassifier, distribution: bool = False) -> None:
+        super().__init__()
+        self.normalize = model.normalize
+        self.encoder = model.encoder
+        self.distribution = distribution
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.distribution:
+            return self.encoder.distribution(self.normalize(x))  # type: ignore[operator]
+        return self.encoder(self.normalize(x))
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Parameters of ``modules`` take no gradient inside the block (Listing 1's ``frozen_params``)."""
+    for m in modules:
+        set_requires_grad(m, False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            set_requires_grad(m, True)

@@ -1,0 +1,182 @@
+"""Baseline networks of the paper's Figure 8 (MNIST LeNet-style, STL-10 CNN, Tiny ImageNet
+VGG-style) and VGG19 for CIFAR-10, used by the ``none``, ``madry`` and ``rse`` methods.
+
+They share the :class:`EmbeddingClassifier` interface: the "embedding" of a baseline is its
+penultimate activation (500 for LeNet, 512 for VGG19, 256 for the STL-10 CNN, 4096 for the
+Tiny ImageNet VGG) and the head is its last linear layer.
+
+Reconstruction note: Figure 8's STL-10 and Tiny ImageNet columns are interleaved in the paper's
+text. The STL-10 CNN printed there ends with 256 channels at 3x3 after five 2x2 pools (96 -> 3) and
+a ``Linear(256, 10)`` head, which only fits with a global average pool in between; we add that
+pool. The Tiny ImageNet column is VGG16-BN with ``Linear(2048, 4096)`` (64 -> 2x2x512).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from training.models import register_model
+from training.models.base import EmbeddingClassifier
+from training.models.er import VGG16, VGG19, _normalize, vgg_body, with_rse_noise
+from training.models.layers import scaled
+
+
+def _baseline(
+    features: list[nn.Module],
+    head: nn.Linear,
+    *,
+    num_classes: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    noise_init: float,
+    noise_inner: float,
+    ensemble: int,
+) -> EmbeddingClassifier:
+    features = with_rse_noise(features, noise_init, noise_inner)
+    return EmbeddingClassifier(
+        nn.Sequential(*features),
+        head,
+        embed_dim=head.in_features,
+        num_classes=num_classes,
+        normalize=_normalize(mean, std),
+        ensemble=ensemble,
+    )
+
+
+@register_model
+def lenet_mnist(
+    *,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 1,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    noise_init: float = 0.0,
+    noise_inner: float = 0.0,
+    ensemble: int = 1,
+) -> EmbeddingClassifier:
+    """Figure 8, MNIST: conv(1,20,5)-pool-conv(20,50,5)-pool-fc(800,500)-fc(500,10), ReLU."""
+    c1, c2, h = scaled(20, width), scaled(50, width), scaled(500, width)
+    features: list[nn.Module] = [
+        nn.Conv2d(in_chans, c1, kernel_size=5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, kernel_size=5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 4 * 4, h),
+        nn.ReLU(inplace=True),
+    ]
+    return _baseline(
+        features,
+        nn.Linear(h, num_classes),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        noise_init=noise_init,
+        noise_inner=noise_inner,
+        ensemble=ensemble,
+    )
+
+
+@register_model
+def vgg19_cifar10(
+    *,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    noise_init: float = 0.0,
+    noise_inner: float = 0.0,
+    ensemble: int = 1,
+) -> EmbeddingClassifier:
+    """VGG19 with BatchNorm for 32x32 inputs (5 pools -> 1x1x512) and a Linear(512, 10) head."""
+    features = [*vgg_body(in_chans, VGG19, width, batch_norm=True), nn.Flatten()]
+    return _baseline(
+        features,
+        nn.Linear(scaled(512, width), num_classes),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        noise_init=noise_init,
+        noise_inner=noise_inner,
+        ensemble=ensemble,
+    )
+
+
+@register_model
+def cnn_stl10(
+    *,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    noise_init: float = 0.0,
+    noise_inner: float = 0.0,
+    ensemble: int = 1,
+) -> EmbeddingClassifier:
+    """Figure 8, STL-10: six 3x3 conv-BN(affine=False)-ReLU blocks with five pools, global pool,
+    Linear(256, 10)."""
+    cfg: tuple[int | str, ...] = (32, "M", 64, "M", 128, "M", 128, "M", 256, 256, "M")
+    features: list[nn.Module] = []
+    prev = in_chans
+    for v in cfg:
+        if v == "M":
+            features.append(nn.MaxPool2d(2))
+            continue
+        assert isinstance(v, int)
+        c = scaled(v, width)
+        features += [nn.Conv2d(prev, c, 3, padding=1), nn.BatchNorm2d(c, affine=False), nn.ReLU(inplace=True)]
+        prev = c
+    features += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return _baseline(
+        features,
+        nn.Linear(prev, num_classes),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        noise_init=noise_init,
+        noise_inner=noise_inner,
+        ensemble=ensemble,
+    )
+
+
+@register_model
+def vgg16_tinyimagenet(
+    *,
+    num_classes: int = 200,
+    width: float = 1.0,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    noise_init: float = 0.0,
+    noise_inner: float = 0.0,
+    ensemble: int = 1,
+) -> EmbeddingClassifier:
+    """Figure 8, Tiny ImageNet: VGG16-BN (64 -> 2x2x512), Linear(2048,4096)-ReLU-Dropout x2, 200 classes."""
+    h = scaled(4096, width)
+    features = [
+        *vgg_body(in_chans, VGG16, width, batch_norm=True),
+        nn.Flatten(),
+        nn.Linear(scaled(512, width) * 2 * 2, h),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(h, h),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+    ]
+    return _baseline(
+        features,
+        nn.Linear(h, num_classes),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        noise_init=noise_init,
+        noise_inner=noise_inner,
+        ensemble=ensemble,
+    )

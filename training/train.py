@@ -1,0 +1,337 @@
+"""The training loop: epochs over in-memory uint8 tensors, DDP under torchrun, autocast,
+per-epoch JSONL metrics, crash-safe checkpoints and ``resume``.
+
+Determinism: the data order of epoch ``e`` and every random number drawn during it come from
+``(seed, e, rank)``, so a run resumed from the checkpoint of epoch ``e - 1`` replays epoch ``e``
+exactly as an uninterrupted run would (on deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from training import __version__
+from training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig, dump_config, from_dict
+from training.data import DatasetInfo, ImageSet, load_split
+from training.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    weights_in_sync,
+)
+from training.evaluate import AttackSpec, robust_flags, to_unit
+from training.methods import Method, create_method
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**63)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dist: DistInfo) -> Iterator[torch.Tensor]:
+    """Index tensors for this rank: one seeded permutation per epoch, identical on every rank,
+    cut into global batches (the last incomplete one dropped) and sharded by rank."""
+    if batch_size % dist.world_size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {dist.world_size} ranks")
+    per_rank = batch_size // dist.world_size
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 0))
+    order = torch.randperm(n, generator=gen)
+    for step in range(n // batch_size):
+        start = step * batch_size + dist.rank * per_rank
+        yield order[start : start + per_rank]
+
+
+def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random ``pad``-pixel translation (reflect padding) and horizontal flip, per sample."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
+    flip = torch.rand(n, device=x.device) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+class Trainer:
+    """One training run. Use :func:`run_training` unless you need the pieces."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, device: torch.device) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.device = device
+        self.run_dir = Path(cfg.run.out_dir)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        train = load_split(
+            cfg.data.dataset, "train", cfg.data.data_dir, n=cfg.data.train_subset, seed=cfg.run.seed
+        )
+        test = load_split(
+            cfg.data.dataset, "test", cfg.data.data_dir, n=cfg.data.eval_subset, seed=cfg.run.seed
+        )
+        self.info: DatasetInfo = train.info
+        # Whole datasets live on the device as uint8: no loader workers, no host->device copies.
+        self.train_x = train.images.to(device)
+        self.train_y = train.labels.to(device)
+        self.test = ImageSet(test.images.to(device), test.labels.to(device), test.info)
+        if len(train) < cfg.data.batch_size:
+            raise ValueError(
+                f"train set has {len(train)} images, fewer than one batch of {cfg.data.batch_size}"
+            )
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
+        self.method: Method = create_method(cfg, self.info, device, distributed=dist.enabled)
+        self.start_epoch = 0
+
+    # -- persistence ----------------------------------------------------------------------------
+    def checkpoint_state(self, epochs_done: int) -> dict[str, Any]:
+        m = self.method
+        return {
+            "epoch": epochs_done,
+            "config": self.cfg.to_dict(),
+            "method": m.name,
+            "arch": m.arch,
+            "arch_kwargs": m.arch_kwargs,
+            "dataset": self.info.name,
+            "label_names": list(self.info.label_names),
+            "state": m.state_dict(),
+            "world_size": self.dist.world_size,
+            "versions": {"torch": str(torch.__version__), "erc": __version__},
+        }
+
+    def resume(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            log.warning("no checkpoint in %s: starting from scratch", self.run_dir)
+            return
+        state = load_checkpoint(path)
+        if state["method"] != self.method.name or state["arch"] != self.method.arch:
+            saved = f"{state['method']}/{state['arch']}"
+            raise ValueError(f"{path} holds {saved}, this run is {self.method.name}/{self.method.arch}")
+        self.method.load_state_dict(state["state"])
+        self.start_epoch = int(state["epoch"])
+        log.info("resumed %s after epoch %d", self.run_dir, self.start_epoch)
+
+    def _trim_metrics(self) -> None:
+        """Drop log lines of epochs the checkpoint does not hold (a kill between log and save)."""
+        path = self.run_dir / METRICS
+        if not path.exists():
+            return
+        keep = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch
+        ]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Clean accuracy on the eval subset (and PGD-20 robust accuracy on ``run.eval_adv_n``)."""
+        model = self.method.model
+        was = model.training
+        model.eval()
+        out: dict[str, Any] = {}
+        try:
+            n = len(self.test)
+            shard = torch.arange(self.dist.rank, n, self.dist.world_size, device=self.device)
+            counts = torch.zeros(2, device=self.device)
+            with torch.no_grad(), self.method.autocast():
+                for s in range(0, len(shard), 500):
+                    idx = shard[s : s + 500]
+                    pred = model(to_unit(self.test.images[idx], self.device)).argmax(1)
+                    counts[0] += (pred == self.test.labels[idx]).sum()
+                    counts[1] += len(idx)
+            all_reduce_sum(counts, self.dist)
+            out["test_acc"] = float(counts[0] / counts[1].clamp_min(1))
+            out["test_n"] = int(counts[1])
+            n_adv = min(self.cfg.run.eval_adv_n, n)
+            if n_adv:
+                spec = AttackSpec(steps=20)
+                adv_shard = shard[shard < n_adv]
+                flags = robust_flags(
+                    model,
+                    to_unit(self.test.images[adv_shard], self.device),
+                    self.test.labels[adv_shard],
+                    self.method.eps,
+                    spec,
+                )
+                c = all_reduce_sum(
+                    torch.tensor([float(flags.sum()), float(len(adv_shard))], device=self.device), self.dist
+                )
+                out["robust_acc"] = float(c[0] / c[1].clamp_min(1))
+                out["robust_attack"] = f"{spec.describe()}, eps={self.method.eps}, n={int(c[1])}"
+        finally:
+            model.train(was)
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, dist = self.cfg, self.dist
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / CONFIG, dump_config(cfg))
+            self._trim_metrics()
+        barrier(dist)
+        # Epochs already done advance the LR schedule too (the scheduler state was restored).
+        record: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, cfg.run.epochs):
+            torch.manual_seed(_epoch_seed(cfg.run.seed, epoch + 1, dist.rank))
+            self.method.train(True)
+            steps = len(self.train_x) // cfg.data.batch_size
+            sums: dict[str, torch.Tensor] = {}
+            t0 = time.perf_counter()
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {epoch + 1}/{cfg.run.epochs}",
+                disable=not (cfg.run.progress and dist.is_main),
+                dynamic_ncols=True,
+                unit="batch",
+            )
+            for i, idx in enumerate(
+                epoch_batches(len(self.train_x), cfg.data.batch_size, epoch, cfg.run.seed, dist)
+            ):
+                x = self.train_x[idx].float().div_(255.0)
+                if cfg.data.augment == "crop-flip":
+                    x = crop_flip(x)
+                if cfg.run.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                metrics = self.method.train_step(x, self.train_y[idx])
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float()
+                bar.update(1)
+                if bar.disable is False and (i % 10 == 9 or i == steps - 1):
+                    bar.set_postfix({k: f"{float(v) / (i + 1):.4f}" for k, v in sums.items()})
+            bar.close()
+            self.method.step_schedulers()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            keys = sorted(sums)
+            vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, device=self.device)
+            all_reduce_sum(vec, dist)
+            train_metrics = {k: float(v) / (steps * dist.world_size) for k, v in zip(keys, vec, strict=True)}
+            record = {
+                "epoch": epoch + 1,
+                "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "images_per_s": round(steps * cfg.data.batch_size / seconds, 1),
+                "train": train_metrics,
+                "lr": self.method.learning_rates(),
+                **self.evaluate(),
+                "device": str(self.device),
+                "world_size": dist.world_size,
+            }
+            if dist.is_main:
+                with open(self.run_dir / METRICS, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                save_checkpoint(self.run_dir / CHECKPOINT, self.checkpoint_state(epoch + 1))
+                log.info(
+                    "epoch %d: %s", epoch + 1, {k: record[k] for k in ("seconds", "test_acc") if k in record}
+                )
+            barrier(dist)
+        summary = {
+            "run_dir": str(self.run_dir),
+            "epochs": cfg.run.epochs,
+            "method": self.method.name,
+            "arch": self.method.arch,
+            "dataset": self.info.name,
+            "last": record,
+            "params_in_sync": weights_in_sync(self.method.model, dist),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "world_size": dist.world_size,
+        }
+        if dist.is_main:
+            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+CHOICES = {
+    "data.augment": ("none", "crop-flip"),
+    "run.amp": ("none", "bf16"),
+    "adv.bn_mode": ("eval", "train"),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check names against the registries before any data is read; raises ConfigError."""
+    from training.data import list_datasets
+    from training.methods import METHODS
+    from training.models import list_models
+    from training.priors import PRIORS
+
+    checks: dict[str, tuple[Any, Any]] = {
+        "method.name": (cfg.method.name, list(METHODS)),
+        "model.prior": (cfg.model.prior, list(PRIORS)),
+        "data.dataset": (cfg.data.dataset, list_datasets()),
+        **{k: (config_value(cfg, k), v) for k, v in CHOICES.items()},
+    }
+    if cfg.model.arch is not None:
+        checks["model.arch"] = (cfg.model.arch, list_models())
+    for key, (value, known) in checks.items():
+        if value not in known:
+            raise ConfigError(f"{key}: unknown value {value!r}; known: {', '.join(map(str, known))}")
+    positive = {
+        "run.epochs": cfg.run.epochs,
+        "data.batch_size": cfg.data.batch_size,
+        "model.width": cfg.model.width,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.adv.steps < 1:
+        raise ConfigError(f"adv.steps: must be >= 1, got {cfg.adv.steps}")
+
+
+def config_value(cfg: TrainConfig, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train per ``cfg`` (under torchrun: one process per rank); return the run summary."""
+    validate(cfg)
+    dist, device = init_distributed(cfg.run.device)
+    try:
+        trainer = Trainer(cfg, dist, device)
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        shutdown_distributed()
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """The resolved config a run saved (``config.yaml``)."""
+    import yaml
+
+    return from_dict(yaml.safe_load((Path(run_dir) / CONFIG).read_text()))
