@@ -24,7 +24,7 @@ MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 def test_real_mnist() -> None:
     root = resolve_data_dir("mnist")  # no data_dir: the search must find it
     if not (registry.repo_root() / "data" / "mnist").exists():
-        assert root == SHARED_MNIST.resolve()
+        assert root.resolve() == SHARED_MNIST.resolve()
     train, test = load_split("mnist", "train"), load_split("mnist", "test")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels, minlength=10).tolist() == MNIST_TRAIN
