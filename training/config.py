@@ -73,6 +73,7 @@ class AdvConfig:
     alpha: float | None = None  # PGD step size; None: 2.5 * eps / steps (Madry et al.)
     random_start: bool = True  # uniform start in the eps ball
     bn_mode: str = "eval"  # mode of the network while crafting examples: "eval" keeps BN statistics clean
+    warmup_epochs: float = 0.0  # ramp eps linearly from 0 over this many epochs (0: full eps from the start)
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,7 @@ class Trainer:
             for i, idx in enumerate(
                 epoch_batches(len(self.train_x), cfg.data.batch_size, epoch, cfg.run.seed, dist)
             ):
+                self.method.set_progress(epoch + i / steps)
                 x = self.train_x[idx].float().div_(255.0)
                 if cfg.data.augment == "crop-flip":
                     x = crop_flip(x)
@@ -244,6 +245,7 @@ class Trainer:
                 "images_per_s": round(steps * cfg.data.batch_size / seconds, 1),
                 "train": train_metrics,
                 "lr": self.method.learning_rates(),
+                "train_eps": self.method.eps_now if self.method.minmax else None,
                 **self.evaluate(),
                 "device": str(self.device),
                 "world_size": dist.world_size,

@@ -44,6 +44,7 @@ class Method:
         self.model: EmbeddingClassifier = self._place(model)
         self.minmax = cfg.method.minmax if cfg.method.minmax is not None else self.minmax_default
         self.eps = cfg.adv.eps if cfg.adv.eps is not None else info.train_eps
+        self.eps_now = self.eps if cfg.adv.warmup_epochs <= 0 else 0.0
         # The network the inner maximisation differentiates; compiled separately when asked,
         # since most of a min-max step is spent there.
         self.attack_model: Any = torch.compile(self.model) if cfg.run.compile else self.model
@@ -101,9 +102,14 @@ class Method:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def set_progress(self, epochs: float) -> None:
+        """Training progress in epochs (fractional): drives the eps warm-up ramp."""
+        warmup = self.cfg.adv.warmup_epochs
+        self.eps_now = self.eps if warmup <= 0 else self.eps * min(1.0, epochs / warmup)
+
     def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD examples against ``C(Q(x))`` when min-max training is on, else ``x`` itself."""
-        if not self.minmax:
+        if not self.minmax or self.eps_now <= 0:
             return x
         adv = self.cfg.adv
         was_training = self.model.training
@@ -115,7 +121,7 @@ class Method:
                     self.attack_model,
                     x,
                     y,
-                    eps=self.eps,
+                    eps=self.eps_now,
                     alpha=adv.alpha,
                     steps=adv.steps,
                     random_start=adv.random_start,

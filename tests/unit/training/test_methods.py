@@ -157,3 +157,16 @@ def test_rse_defaults_and_override() -> None:
 
 def test_registry_is_complete() -> None:
     assert set(METHODS) == {"er", "er-minus", "e-cla", "vae-cla", "none", "madry", "rse"}
+
+
+def test_eps_warmup_ramps_linearly(monkeypatch) -> None:
+    m = _method("madry", **{"adv.warmup_epochs": 2.0})
+    import training.methods.base as base
+
+    seen = []
+    monkeypatch.setattr(base, "pgd", lambda *a, **kw: seen.append(kw["eps"]) or a[1])
+    x, y = _batch()
+    for progress in (0.0, 0.5, 2.0, 3.0):
+        m.set_progress(progress)
+        m.train_step(x, y)
+    assert seen == pytest.approx([0.075, 0.3, 0.3]), "no attack at eps 0, then eps * progress / warmup"
