@@ -244,6 +244,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "model_store": args.store,
+        "models": args.models,
+        "default_model": args.default_model,
+        "device": args.device,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "torch_threads": args.torch_threads,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=15,
+        log_config=None,  # keep the root logging set up by main()
+    )
+    return 0
+
+
 # -- list ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from training.data import list_datasets
@@ -352,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--data-dir", required=True)
     dl.add_argument("--mirror", help="base URL to fetch the same file names from")
     data.set_defaults(func=cmd_data)
+
+    sv = sub.add_parser("serve", help="serve the model store over HTTP (settings from ERC_* variables)")
+    sv.add_argument("--host", help="bind address [ERC_HOST, default 127.0.0.1]")
+    sv.add_argument("--port", type=int, help="TCP port [ERC_PORT, default 8080]")
+    sv.add_argument("--store", help="model store folder [ERC_MODEL_STORE, default model_store]")
+    sv.add_argument("--models", help="comma-separated model names to serve [ERC_MODELS, default all]")
+    sv.add_argument("--default-model", help="model readiness depends on [ERC_DEFAULT_MODEL]")
+    sv.add_argument("--device", help="cpu, cuda, cuda:N, auto [ERC_DEVICE, default cpu]")
+    sv.add_argument(
+        "--max-batch-size", type=int, help="rows per forward pass [ERC_MAX_BATCH_SIZE, default 32]"
+    )
+    sv.add_argument(
+        "--batch-wait-ms", type=float, help="batch collection window [ERC_BATCH_WAIT_MS, default 5]"
+    )
+    sv.add_argument("--torch-threads", type=int, help="torch intra-op threads [ERC_TORCH_THREADS]")
+    sv.set_defaults(func=cmd_serve)
 
     ls = sub.add_parser("list", help="architectures, methods, priors and datasets")
     ls.set_defaults(func=cmd_list)

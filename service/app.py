@@ -1,0 +1,153 @@
+"""The FastAPI application: factory, lifespan (load, verify and warm the models, start their
+batchers; stop them), routers, error handlers and the request-metrics middleware.
+
+Nothing is loaded at import: ``create_app()`` builds an app, its lifespan loads the models.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__, metrics
+from service.errors import ServiceError, error_response, install_handlers
+from service.registry import ModelRegistry
+from service.routes import health, v1, v2
+from service.schemas import component_schemas
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class MetricsMiddleware:
+    """Request count and duration by method, route *template* and status (pure ASGI, low overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            labels = (scope["method"], template, str(status))
+            metrics.HTTP_REQUESTS.labels(*labels).inc()
+            metrics.HTTP_DURATION.labels(*labels).observe(time.perf_counter() - start)
+
+
+class FastPath:
+    """The inference routes without the framework's per-request machinery.
+
+    ``POST /v1/models/{name}:predict``, ``:embed`` and ``/v2/models/{name}/infer`` are served here by
+    calling the *same endpoint functions* the FastAPI routes declare (so behaviour, errors and the
+    OpenAPI description are shared), skipping FastAPI's routing, dependency solving and exception
+    middleware stack, which cost more CPU per request than decoding an MNIST image. Every other
+    request passes through to the application.
+    """
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+        self.routes = [
+            (re.compile(r"^/v1/models/(?P<name>[^/]+):predict$"), v1.predict, "/v1/models/{name}:predict"),
+            (re.compile(r"^/v1/models/(?P<name>[^/]+):embed$"), v1.embed, "/v1/models/{name}:embed"),
+            (re.compile(r"^/v2/models/(?P<name>[^/]+)/infer$"), v2.infer, "/v2/models/{name}/infer"),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            for regex, endpoint, template in self.routes:
+                match = regex.match(path)
+                if match is not None:
+                    await self._serve(scope, receive, send, endpoint, match.group("name"), template)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Any, name: str, template: str
+    ) -> None:
+        start = time.perf_counter()
+        scope["app"] = self.fastapi_app
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(name, request)
+        except ServiceError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except Exception as exc:
+            log.exception("unhandled error on %s: %s", template, exc)
+            response = error_response(500, "internal_error", "internal error; see the server log")
+        await response(scope, receive, send)
+        labels = ("POST", template, str(response.status_code))
+        metrics.HTTP_REQUESTS.labels(*labels).inc()
+        metrics.HTTP_DURATION.labels(*labels).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        registry = ModelRegistry(settings)
+        registry.load_all()
+        app.state.registry = registry
+        ok, _ = registry.readiness()
+        log.info("startup done in %.2f s; ready=%s", time.perf_counter() - t0, ok)
+        try:
+            yield
+        finally:
+            registry.stop()
+            log.info("models stopped")
+
+    app = FastAPI(
+        title="ER-Classifier service",
+        version=__version__,
+        description=(
+            "Robust image classification with the ER-Classifier: predictions, embeddings, KServe v1 and v2 "
+            "(Open Inference Protocol), Prometheus metrics. Every error is "
+            '`{"error": {"code": ..., "message": ...}}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(health.router)
+    app.add_middleware(MetricsMiddleware)
+    if settings.fast_path:
+        app.add_middleware(FastPath, fastapi_app=app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,112 @@
+"""The forward pass and its outputs, shared by the FastAPI service and the TorchServe handler.
+
+``InferenceEngine.forward`` maps a batch ``[N, C, H, W]`` (floats in [0, 1]) to numpy arrays:
+logits ``[N, m]``, probabilities ``[N, m]``, embeddings ``[N, k]`` (the encoder's output, the
+paper's z-tilde) and labels ``[N]``, from one pass through the encoder and one through the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.imaging import InputSpec
+from training.card import ModelCard, load_model
+from training.models import EmbeddingClassifier
+
+
+@dataclass
+class Outputs:
+    logits: np.ndarray  # [N, m] float32
+    probabilities: np.ndarray  # [N, m] float32
+    embedding: np.ndarray  # [N, k] float32
+    label: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def rows(self, start: int, stop: int) -> Outputs:
+        return Outputs(
+            self.logits[start:stop],
+            self.probabilities[start:stop],
+            self.embedding[start:stop],
+            self.label[start:stop],
+        )
+
+    @staticmethod
+    def concat(parts: list[Outputs]) -> Outputs:
+        if len(parts) == 1:
+            return parts[0]
+        return Outputs(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("logits", "probabilities", "embedding", "label")
+            )
+        )
+
+
+class InferenceEngine:
+    """A loaded, verified model on its device, in eval mode, ready for batches."""
+
+    def __init__(self, model: EmbeddingClassifier, card: ModelCard, device: torch.device) -> None:
+        self.model = model.eval().to(device)
+        self.card = card
+        self.device = device
+        self.spec = InputSpec.from_shape(card.input_shape)
+        # RSE models average noisy passes: their logits come from the ensemble, the embedding
+        # from one pass. Deterministic models get both from a single pass.
+        self.ensemble = int(getattr(model, "ensemble", 1))
+
+    @classmethod
+    def from_store(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> InferenceEngine:
+        dev = torch.device(device)
+        model, card = load_model(model_dir, dev)
+        return cls(model, card, dev)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> Outputs:
+        x = x.to(self.device, non_blocking=True)
+        z = self.model.forward_features(x)
+        logits = self.model.forward_head(z) if self.ensemble == 1 else self.model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        return Outputs(
+            logits.float().cpu().numpy(),
+            probs.cpu().numpy(),
+            z.float().cpu().numpy(),
+            probs.argmax(dim=1).cpu().numpy(),
+        )
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        for n in batch_sizes:
+            self.forward(torch.zeros(n, self.spec.channels, self.spec.height, self.spec.width))
+
+
+def predictions(
+    out: Outputs,
+    label_names: list[str],
+    *,
+    embedding: bool,
+    probabilities: bool = True,
+    extra: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """KServe v1 ``predictions`` entries, one per row."""
+    result = []
+    for i in range(len(out)):
+        label = int(out.label[i])
+        p: dict[str, Any] = {"label": label, "label_name": label_names[label]}
+        if probabilities:
+            p["probabilities"] = out.probabilities[i]
+        if embedding:
+            p["embedding"] = out.embedding[i]
+        if extra is not None:
+            p.update(extra[i])
+        result.append(p)
+    return result

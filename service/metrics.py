@@ -1,0 +1,59 @@
+"""Every Prometheus metric of the service, defined once (names per the Prometheus naming guide:
+``erc_`` prefix, base units, ``_seconds`` / ``_total`` suffixes, labels by route template and
+model name, never by raw path or user input).
+
+The default registry also carries the process collector (``process_resident_memory_bytes``, CPU
+seconds, open fds), which the benchmarks read.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+HTTP_REQUESTS = Counter("erc_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
+HTTP_DURATION = Histogram(
+    "erc_http_request_duration_seconds",
+    "Time from request start to response end",
+    ["method", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+IMAGES = Counter("erc_images_total", "Images (rows) classified or embedded", ["model", "endpoint"])
+BATCH_SIZE = Histogram("erc_inference_batch_size", "Rows per forward pass", ["model"], buckets=BATCH_BUCKETS)
+QUEUE_WAIT = Histogram(
+    "erc_queue_wait_seconds", "Time a request waited in the batch queue", ["model"], buckets=LATENCY_BUCKETS
+)
+INFERENCE_DURATION = Histogram(
+    "erc_inference_duration_seconds", "Forward pass time per batch", ["model"], buckets=LATENCY_BUCKETS
+)
+QUEUE_DEPTH = Gauge("erc_queue_depth", "Rows waiting in the batch queue", ["model"])
+MODEL_INFO = Gauge(
+    "erc_model_info",
+    "Served model (value 1) with its identity",
+    ["model", "arch", "dataset", "method", "sha256"],
+)
+MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
+REJECTED = Counter("erc_rejected_requests_total", "Requests refused before inference", ["reason"])
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

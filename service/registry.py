@@ -1,0 +1,229 @@
+"""The models this process serves: loaded once at startup, verified, warmed, each with its batcher.
+
+A model that cannot be loaded (card unreadable, unknown architecture, weights whose sha256 does
+not match the card, truncated weights) is refused with one clear log line and reported by
+``/readyz`` with its reason; the other models keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service import metrics
+from service.batching import Batcher, BatchStats
+from service.errors import ModelNotFound, ModelNotReady
+from service.inference import InferenceEngine
+from service.settings import Settings
+from training.card import CARD_FILE, CardError, ModelCard, read_card
+
+log = logging.getLogger(__name__)
+
+PREFERRED_DEFAULT = "mnist-er"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    status: str = "loading"  # loading -> ready | failed
+    reason: str | None = None
+    card: ModelCard | None = None
+    engine: InferenceEngine | None = None
+    batcher: Batcher | None = None
+    load_seconds: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.batcher is not None and self.batcher.running
+
+    @property
+    def version(self) -> str:
+        """Model version = the first 12 hex digits of the weights' sha256: it names exact weights."""
+        return self.card.weights_sha256[:12] if self.card else "unknown"
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "ready": self.ready, "status": self.status}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.card is not None:
+            c = self.card
+            out.update(
+                version=self.version,
+                arch=c.arch,
+                dataset=c.dataset,
+                method=c.method,
+                input_shape=c.input_shape,
+                embed_dim=c.embed_dim,
+                prior=c.prior,
+                labels=c.label_names,
+                weights_sha256=c.weights_sha256,
+                weights_dtype=c.weights_dtype,
+                metrics=[
+                    {k: m.get(k) for k in ("metric", "value", "ci95", "eps", "n", "attack", "measured_on")}
+                    for m in c.metrics
+                ],
+            )
+        return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available: serving on the CPU", name)
+        return torch.device("cpu")
+    return dev
+
+
+def _bucket_sizes(max_batch: int) -> list[int]:
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_batch]
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, ServedModel] = {}
+        self.device = _device(settings.device)
+        self.default_name: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def discover(self) -> list[Path]:
+        store = self.settings.model_store
+        if not store.is_dir():
+            log.error("model store %s does not exist", store)
+            return []
+        found = sorted(
+            p
+            for p in store.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / CARD_FILE).exists()
+        )
+        wanted = self.settings.models
+        if wanted:
+            names = {p.name for p in found}
+            for missing in sorted(set(wanted) - names):
+                self.models[missing] = ServedModel(
+                    missing, store / missing, status="failed", reason=f"no model {missing!r} in {store}"
+                )
+                log.error("model %s: not in the store %s", missing, store)
+            found = [p for p in found if p.name in wanted]
+        return found
+
+    def load_all(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        for path in self.discover():
+            self.load(path)
+        ready = [n for n, m in self.models.items() if m.status == "ready"]
+        self.default_name = self.settings.default_model or (
+            PREFERRED_DEFAULT if PREFERRED_DEFAULT in self.models else (ready[0] if ready else None)
+        )
+        log.info(
+            "serving %d model(s): %s; default %s", len(ready), ", ".join(ready) or "none", self.default_name
+        )
+
+    def load(self, path: Path) -> ServedModel:
+        name = path.name
+        served = ServedModel(name, path)
+        self.models[name] = served
+        metrics.MODEL_READY.labels(model=name).set(0)
+        t0 = time.perf_counter()
+        try:
+            served.card = read_card(path)
+            engine = InferenceEngine.from_store(path, self.device)
+        except CardError as exc:
+            served.status, served.reason = "failed", str(exc)
+            log.error("model %s refused: %s", name, exc)
+            return served
+        except Exception as exc:  # any other failure to build or load is also a refusal, not a crash
+            served.status, served.reason = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("model %s refused", name)
+            return served
+        served.card = engine.card
+        served.engine = engine
+        s = self.settings
+        if s.warmup:
+            engine.warmup(_bucket_sizes(s.max_batch_size))
+        depth_gauge = metrics.QUEUE_DEPTH.labels(model=name)
+
+        def on_batch(rows: int, waits: list[float], seconds: float) -> None:
+            _observe_batch(name, rows, waits, seconds)
+
+        stats = BatchStats(on_batch=on_batch, on_depth=depth_gauge.set)
+        served.batcher = Batcher(
+            name,
+            engine.forward,
+            max_batch=s.max_batch_size,
+            wait_s=s.batch_wait_ms / 1000.0,
+            max_queue=s.max_queue,
+            timeout_s=s.queue_timeout_s,
+            stats=stats,
+        )
+        served.batcher.start()
+        served.status = "ready"
+        served.load_seconds = round(time.perf_counter() - t0, 3)
+        card = engine.card
+        metrics.MODEL_INFO.labels(
+            model=name, arch=card.arch, dataset=card.dataset, method=card.method, sha256=card.weights_sha256
+        ).set(1)
+        metrics.MODEL_READY.labels(model=name).set(1)
+        log.info(
+            "model %s ready in %.2f s (%s, %s, sha256 %s...)",
+            name,
+            served.load_seconds,
+            card.arch,
+            self.device,
+            card.weights_sha256[:12],
+        )
+        return served
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for m in self.models.values():
+            if m.batcher is not None:
+                m.batcher.stop(timeout)
+            metrics.MODEL_READY.labels(model=m.name).set(0)
+
+    # -- lookups --------------------------------------------------------------------------------
+    def get(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(
+                f"no model named {name!r}; served: {', '.join(sorted(self.models)) or 'none'}"
+            )
+        if not model.ready:
+            raise ModelNotReady(f"model {name!r} is not ready: {model.reason or model.status}")
+        return model
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail = {}
+        for name, m in self.models.items():
+            entry: dict[str, Any] = {"ready": m.ready, "status": m.status}
+            if m.reason:
+                entry["reason"] = m.reason
+            if m.batcher is not None and m.batcher.full:
+                entry["ready"] = False
+                entry["reason"] = f"queue full ({m.batcher.queued_rows} rows)"
+            detail[name] = entry
+        if self.settings.require_all_models:
+            ok = bool(detail) and all(e["ready"] for e in detail.values())
+        else:
+            ok = self.default_name is not None and detail.get(self.default_name, {}).get("ready", False)
+        return ok, detail
+
+
+def _observe_batch(name: str, rows: int, waits: list[float], seconds: float) -> None:
+    metrics.BATCH_SIZE.labels(model=name).observe(rows)
+    metrics.INFERENCE_DURATION.labels(model=name).observe(seconds)
+    hist = metrics.QUEUE_WAIT.labels(model=name)
+    for w in waits:
+        hist.observe(w)

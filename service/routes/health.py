@@ -1,0 +1,40 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service import metrics
+from service.errors import json_response
+from service.routes.v1 import _registry
+from service.schemas import Liveness, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Liveness, summary="Liveness: the process answers (no model needed)")
+async def healthz() -> Response:
+    return json_response({"live": True})
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    summary="Readiness: the default model is loaded and warm and its queue is not full; per-model detail",
+)
+async def readyz(request: Request) -> Response:
+    ok, detail = _registry(request).readiness()
+    return json_response({"ready": ok, "models": detail}, status=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def prometheus() -> Response:
+    body, ctype = metrics.render()
+    return Response(body, media_type=ctype)

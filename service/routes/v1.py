@@ -1,0 +1,124 @@
+"""KServe v1 protocol (``/v1/models``, ``:predict``) and ``:embed``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service import metrics
+from service.errors import json_response
+from service.inference import Outputs, predictions
+from service.registry import ModelRegistry, ServedModel
+from service.routes.common import decode_batch, flag, image_payload
+from service.schemas import (
+    IMAGE_BODY,
+    EmbedResponse,
+    ModelList,
+    ModelSummary,
+    PredictResponse,
+    error_responses,
+)
+from service.settings import Settings
+
+router = APIRouter(tags=["v1"])
+
+
+def _registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+@router.get("/v1/models", response_model=ModelList, summary="List served models with their card summaries")
+async def list_models(request: Request) -> Response:
+    reg = _registry(request)
+    return json_response(
+        {"models": [m.summary() for m in reg.models.values()], "default_model": reg.default_name}
+    )
+
+
+@router.get(
+    "/v1/models/{name}",
+    response_model=ModelSummary,
+    responses=error_responses(404),
+    summary="One model's card summary",
+)
+async def get_model(name: str, request: Request) -> Response:
+    reg = _registry(request)
+    model = reg.models.get(name)
+    if model is None:
+        reg.get(name)  # raises ModelNotFound with the list of served names
+    assert model is not None
+    return json_response(model.summary())
+
+
+def _options(params: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "embedding": flag(params.get("return_embedding"), "return_embedding", False),
+        "probabilities": flag(params.get("return_probabilities"), "return_probabilities", True),
+    }
+
+
+async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[Any], dict[str, bool]]:
+    """Read, validate (options first, then images), decode, and classify one request."""
+    reg = _registry(request)
+    settings = _settings(request)
+    model = reg.get(name)
+    assert model.batcher is not None and model.engine is not None
+    with model.batcher.expecting():
+        payload = await image_payload(request, settings)
+        options = _options(payload.params)
+        x, decoded = await decode_batch(payload, model.engine.spec, settings)
+    out = await model.batcher.submit(x)
+    return model, out, decoded, options
+
+
+@router.post(
+    "/v1/models/{name}:predict",
+    response_model=PredictResponse,
+    responses=error_responses(400, 404, 413, 415, 422, 503),
+    openapi_extra=IMAGE_BODY,
+    summary="Classify images (JSON base64 instances, a raw image body, or multipart files)",
+)
+async def predict(name: str, request: Request) -> Response:
+    model, out, decoded, options = await _run(request, name)
+    assert model.card is not None and model.engine is not None
+    preds = predictions(out, model.card.label_names, **options, extra=[{"input": d.info()} for d in decoded])
+    metrics.IMAGES.labels(model=model.name, endpoint="predict").inc(len(preds))
+    return json_response(
+        {
+            "model": model.name,
+            "model_version": model.version,
+            "predictions": preds,
+            "preprocessing": model.engine.spec.policy(),
+        }
+    )
+
+
+@router.post(
+    "/v1/models/{name}:embed",
+    response_model=EmbedResponse,
+    responses=error_responses(400, 404, 413, 415, 422, 503),
+    openapi_extra=IMAGE_BODY,
+    summary="Embeddings (the encoder's low-dimensional output) of images",
+)
+async def embed(name: str, request: Request) -> Response:
+    model, out, decoded, _ = await _run(request, name)
+    assert model.card is not None and model.engine is not None
+    metrics.IMAGES.labels(model=model.name, endpoint="embed").inc(len(out))
+    return json_response(
+        {
+            "model": model.name,
+            "model_version": model.version,
+            "embed_dim": model.card.embed_dim,
+            "embeddings": out.embedding,
+            "inputs": [d.info() for d in decoded],
+            "preprocessing": model.engine.spec.policy(),
+        }
+    )

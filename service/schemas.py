@@ -1,0 +1,193 @@
+"""Pydantic models that document the API in OpenAPI (/docs). The hot paths parse and serialize
+with orjson directly; these classes describe what they read and write."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., examples=["invalid_image"])
+    message: str = Field(..., examples=["instances[0]: corrupt or truncated PNG image: ..."])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Instance(BaseModel):
+    b64: str = Field(..., description="base64 of an image file (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)")
+
+
+class PredictParameters(BaseModel):
+    return_embedding: bool = Field(False, description="add each image's embedding (the encoder output)")
+    return_probabilities: bool = Field(True, description="add the softmax probabilities")
+
+
+class PredictRequest(BaseModel):
+    instances: list[Instance] = Field(..., min_length=1)
+    parameters: PredictParameters | None = None
+
+
+class InputInfo(BaseModel):
+    format: str
+    mode: str
+    original_size: list[int] = Field(..., description="[width, height] as sent")
+    resized: bool
+
+
+class Prediction(BaseModel):
+    label: int
+    label_name: str
+    probabilities: list[float] | None = None
+    embedding: list[float] | None = None
+    input: InputInfo
+
+
+class PredictResponse(BaseModel):
+    model: str
+    model_version: str
+    predictions: list[Prediction]
+    preprocessing: dict[str, str]
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    model_version: str
+    embed_dim: int
+    embeddings: list[list[float]]
+    inputs: list[InputInfo]
+    preprocessing: dict[str, str]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    ready: bool
+    status: str
+    reason: str | None = None
+    version: str | None = None
+    arch: str | None = None
+    dataset: str | None = None
+    method: str | None = None
+    input_shape: list[int] | None = None
+    embed_dim: int | None = None
+    prior: str | None = None
+    labels: list[str] | None = None
+    weights_sha256: str | None = None
+    weights_dtype: str | None = None
+    metrics: list[dict[str, Any]] | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+    default_model: str | None
+
+
+# -- Open Inference Protocol (KServe v2) --------------------------------------------------------
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "BYTES"]
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestedOutput(BaseModel):
+    name: Literal["logits", "probabilities", "embedding", "label"]
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput] = Field(..., min_length=1, max_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, dict[str, Any]] | None = None
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": "error"} for c in codes}
+
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+# Request models the routes parse by hand: added to the OpenAPI components by the app factory.
+REQUEST_MODELS: list[type[BaseModel]] = [PredictRequest, InferRequest]
+
+
+def component_schemas() -> dict[str, Any]:
+    """JSON schemas of REQUEST_MODELS and everything they reference, keyed by model name."""
+    out: dict[str, Any] = {}
+    for model in REQUEST_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out

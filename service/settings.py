@@ -1,0 +1,79 @@
+"""All service configuration, from environment variables prefixed ``ERC_`` (e.g. ``ERC_PORT=9000``).
+
+One pydantic-settings class, read once and served through a cached dependency
+(:func:`get_settings`), so tests and ``erc serve`` flags can override it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ERC_", env_file=None, extra="ignore")
+
+    # -- network --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on all interfaces")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
+
+    # -- models ---------------------------------------------------------------------------------
+    model_store: Path = Field(
+        Path("model_store"), description="folder of NAME/{card.json,weights.safetensors}"
+    )
+    models: list[str] | None = Field(
+        None, description="names to serve (comma-separated); default: all in the store"
+    )
+    default_model: str | None = Field(
+        None, description="the model readiness depends on; default: mnist-er or first"
+    )
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (CUDA when present)")
+    require_all_models: bool = Field(False, description="/readyz fails if any model failed to load")
+
+    # -- batching -------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows per forward pass")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="longest wait for a batch to fill under load"
+    )
+    max_queue: int = Field(256, ge=1, description="queued rows per model before 503 + Retry-After")
+    queue_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its result")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
+    fast_path: bool = Field(
+        True, description="serve the inference routes without FastAPI's per-request stack"
+    )
+    warmup: bool = Field(True, description="run each model once per batch size bucket before reporting ready")
+
+    # -- limits ---------------------------------------------------------------------------------
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
+    max_instances: int = Field(64, ge=1, description="images per request (413 beyond)")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="decoded width*height limit (413 beyond)")
+
+    # -- admin ----------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of /admin routes; unset disables them"
+    )
+
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()] or None
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_instances > self.max_queue:
+            raise ValueError(
+                f"max_instances ({self.max_instances}) must not exceed max_queue ({self.max_queue})"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
