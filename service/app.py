@@ -18,7 +18,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, metrics
-from service.errors import ServiceError, error_response, install_handlers
+from service.errors import ServiceError
+from service.http import error_response, install_handlers
 from service.registry import ModelRegistry
 from service.routes import health, v1, v2
 from service.schemas import component_schemas
@@ -137,8 +138,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(health.router)
     app.add_middleware(MetricsMiddleware)
-    if settings.fast_path:
-        app.add_middleware(FastPath, fastapi_app=app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -151,3 +150,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def build_asgi(settings: Settings | None = None) -> ASGIApp:
+    """What the HTTP server runs: the FastAPI app, behind the inference fast path when enabled
+    (outermost, so those requests skip every framework middleware)."""
+    settings = settings or get_settings()
+    app = create_app(settings)
+    return FastPath(app, app) if settings.fast_path else app

@@ -67,10 +67,11 @@ class Batcher:
         wait_s: float = 0.005,
         max_queue: int = 256,
         timeout_s: float = 30.0,
+        workers: int = 1,
         stats: BatchStats | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+        if max_batch < 1 or max_queue < 1 or workers < 1:
+            raise ValueError("max_batch, max_queue and workers must be >= 1")
         self.name = name
         self.fn = fn
         self.max_batch = max_batch
@@ -84,22 +85,26 @@ class Batcher:
         self._last_batch_items = 0
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.workers = workers
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
-        self._thread.start()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._run, name=f"batcher-{self.name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued (up to ``timeout``), then refuse the rest."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.perf_counter() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
         with self._cond:
             leftovers = list(self._queue)
             self._queue.clear()
@@ -109,7 +114,7 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stopping
 
     @property
     def queued_rows(self) -> int:
@@ -138,7 +143,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self._threads:
                 raise ModelNotReady(f"model {self.name!r} is not accepting requests")
             if self._rows_queued + rows > self.max_queue:
                 queued, limit = self._rows_queued, self.max_queue

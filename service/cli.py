@@ -248,7 +248,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import build_asgi
     from service.settings import Settings
 
     overrides = {
@@ -261,12 +261,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "batch_wait_ms": args.batch_wait_ms,
         "torch_threads": args.torch_threads,
+        "workers": args.workers,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     logging.getLogger().setLevel(settings.log_level.upper())
-    app = create_app(settings)
     uvicorn.run(
-        app,
+        build_asgi(settings),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -276,6 +276,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=15,
         log_config=None,  # keep the root logging set up by main()
     )
+    return 0
+
+
+# -- package ------------------------------------------------------------------------------------
+def cmd_package(args: argparse.Namespace) -> int:
+    from service.packaging import package_model
+    from training.card import CardError
+
+    try:
+        path = package_model(args.store, args.name, version=args.version, out_dir=args.out)
+    except (CardError, FileNotFoundError, RuntimeError) as exc:
+        raise SystemExit(f"erc: {exc}") from None
+    _out(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -402,7 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-wait-ms", type=float, help="batch collection window [ERC_BATCH_WAIT_MS, default 5]"
     )
     sv.add_argument("--torch-threads", type=int, help="torch intra-op threads [ERC_TORCH_THREADS]")
+    sv.add_argument("--workers", type=int, help="inference threads per model [ERC_WORKERS, default 1]")
     sv.set_defaults(func=cmd_serve)
+
+    pk = sub.add_parser("package", help="build model_store/NAME.mar for TorchServe")
+    pk.add_argument("name")
+    pk.add_argument("--store", default="model_store")
+    pk.add_argument("--version", default="1.0", help="TorchServe model version")
+    pk.add_argument("--out", help="folder for the .mar (default: the store)")
+    pk.set_defaults(func=cmd_package)
 
     ls = sub.add_parser("list", help="architectures, methods, priors and datasets")
     ls.set_defaults(func=cmd_list)

@@ -12,21 +12,11 @@
     +-- ServiceUnavailable    503      model not ready, queue full (with Retry-After)
 
 Every response of an error carries ``{"error": {"code", "message"}}``; the message names what
-was wrong, never a stack trace.
+was wrong, never a stack trace. The tree has no web-framework dependency (the TorchServe handler
+raises the same errors); :mod:`service.http` maps it to HTTP responses.
 """
 
 from __future__ import annotations
-
-import logging
-from typing import Any
-
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
-log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -41,6 +31,10 @@ class ServiceError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        """The JSON error body every interface answers with."""
+        return {"error": {"code": self.code, "message": self.message}}
 
 
 class BadRequest(ServiceError):
@@ -92,55 +86,3 @@ class QueueFull(ServiceUnavailable):
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_input",
-}
-
-
-def install_handlers(app: FastAPI) -> None:
-    async def service_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServiceError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        headers = dict(exc.headers) if exc.headers else None
-        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), message, headers)
-
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return error_response(422, "invalid_input", "; ".join(parts) or "invalid request")
-
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error: %s", exc)
-        return error_response(500, "internal_error", "internal error; see the server log")
-
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """orjson-encoded response (numpy arrays serialized natively)."""
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)

@@ -17,6 +17,7 @@ an image whose header declares more than ``max_pixels`` pixels gives :class:`Lim
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ class InputSpec:
     def mode(self) -> str:
         return "L" if self.channels == 1 else "RGB"
 
+    @functools.cached_property
     def policy(self) -> dict[str, str]:
+        """The preprocessing applied, in words (computed once per model; do not mutate)."""
         color = "greyscale (ITU-R 601-2 luma)" if self.channels == 1 else "RGB"
         return {
             "resize": f"antialiased bilinear stretch to {self.width}x{self.height} when the size differs; "

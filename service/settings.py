@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="queued rows per model before 503 + Retry-After")
     queue_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its result")
+    workers: int = Field(1, ge=1, le=64, description="inference threads per model, sharing its queue")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores")
     fast_path: bool = Field(
         True, description="serve the inference routes without FastAPI's per-request stack"

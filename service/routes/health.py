@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
-from service.errors import json_response
+from service.http import json_response
 from service.routes.v1 import _registry
 from service.schemas import Liveness, Readiness
 

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
-from service.errors import json_response
-from service.inference import Outputs, predictions
+from service.http import json_response
+from service.inference import Outputs
+from service.payloads import embed_body, predict_body, prediction_options
 from service.registry import ModelRegistry, ServedModel
-from service.routes.common import decode_batch, flag, image_payload
+from service.routes.common import decode_batch, image_payload
 from service.schemas import (
     IMAGE_BODY,
     EmbedResponse,
@@ -58,13 +59,6 @@ async def get_model(name: str, request: Request) -> Response:
     return json_response(model.summary())
 
 
-def _options(params: dict[str, Any]) -> dict[str, bool]:
-    return {
-        "embedding": flag(params.get("return_embedding"), "return_embedding", False),
-        "probabilities": flag(params.get("return_probabilities"), "return_probabilities", True),
-    }
-
-
 async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[Any], dict[str, bool]]:
     """Read, validate (options first, then images), decode, and classify one request."""
     reg = _registry(request)
@@ -73,7 +67,7 @@ async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[
     assert model.batcher is not None and model.engine is not None
     with model.batcher.expecting():
         payload = await image_payload(request, settings)
-        options = _options(payload.params)
+        options = prediction_options(payload.params)
         x, decoded = await decode_batch(payload, model.engine.spec, settings)
     out = await model.batcher.submit(x)
     return model, out, decoded, options
@@ -89,15 +83,10 @@ async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[
 async def predict(name: str, request: Request) -> Response:
     model, out, decoded, options = await _run(request, name)
     assert model.card is not None and model.engine is not None
-    preds = predictions(out, model.card.label_names, **options, extra=[{"input": d.info()} for d in decoded])
-    metrics.IMAGES.labels(model=model.name, endpoint="predict").inc(len(preds))
+    metrics.IMAGES.labels(model=model.name, endpoint="predict").inc(len(out))
+    spec = model.engine.spec
     return json_response(
-        {
-            "model": model.name,
-            "model_version": model.version,
-            "predictions": preds,
-            "preprocessing": model.engine.spec.policy(),
-        }
+        predict_body(model.name, model.version, out, model.card.label_names, decoded, options, spec)
     )
 
 
@@ -113,12 +102,5 @@ async def embed(name: str, request: Request) -> Response:
     assert model.card is not None and model.engine is not None
     metrics.IMAGES.labels(model=model.name, endpoint="embed").inc(len(out))
     return json_response(
-        {
-            "model": model.name,
-            "model_version": model.version,
-            "embed_dim": model.card.embed_dim,
-            "embeddings": out.embedding,
-            "inputs": [d.info() for d in decoded],
-            "preprocessing": model.engine.spec.policy(),
-        }
+        embed_body(model.name, model.version, out, model.card.embed_dim, decoded, model.engine.spec)
     )

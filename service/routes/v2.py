@@ -17,9 +17,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import __version__, metrics
-from service.errors import InvalidInput, LimitExceeded, NotFound, json_response
+from service.errors import InvalidInput, LimitExceeded, NotFound
+from service.http import json_response
+from service.payloads import ImagePayload, b64decode
 from service.registry import ServedModel
-from service.routes.common import ImagePayload, b64decode, decode_batch, parse_json, read_body
+from service.routes.common import decode_batch, parse_json, read_body
 from service.routes.v1 import _registry, _settings
 from service.schemas import (
     InferResponse,

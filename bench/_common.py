@@ -1,0 +1,286 @@
+"""Helpers shared by the benchmarks: a model to serve, servers as subprocesses, wrk load, RSS.
+
+Benchmarks are bounded and loopback-only. Each prints human-readable lines and, last, one JSON
+line with every figure it measured.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training.card import ModelCard, StagedModel, load_model  # noqa: E402
+from training.data import dataset_info, load_split  # noqa: E402
+from training.models import create_model  # noqa: E402
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_model(store: Path, name: str) -> tuple[Path, str]:
+    """``store/name`` when it exists; else an untrained paper-size MNIST ER-Classifier (Figure 9,
+    11.2 M parameters) written to a temporary store: throughput does not depend on the weights."""
+    if (store / name / "card.json").exists():
+        return store, f"{name} from {store}"
+    tmp = Path(tempfile.mkdtemp(prefix="erc-bench-store-"))
+    torch.manual_seed(0)
+    model = create_model("er_mnist").eval()
+    info = dataset_info("mnist")
+    stage = StagedModel(tmp, name)
+    sha = stage.write_weights(model, "float32")
+    card = ModelCard(
+        name=name,
+        arch="er_mnist",
+        arch_kwargs={"num_classes": 10, "width": 1.0},
+        dataset="mnist",
+        input_shape=list(info.shape),
+        label_names=list(info.label_names),
+        embed_dim=4,
+        prior="gaussian",
+        method="untrained",
+        weights_sha256=sha,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        notes="untrained weights for throughput benchmarks only",
+    )
+    stage.commit(card)
+    return tmp, f"untrained er_mnist (paper size) in {tmp}"
+
+
+def mnist_pngs(n: int) -> tuple[list[bytes], np.ndarray]:
+    test = load_split("mnist", "test", n=n, seed=7)
+    out = []
+    for img in test.images[:, 0].numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out, test.images.numpy()
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                m = re.search(r"VmRSS:\s+(\d+) kB", fh.read())
+                total += int(m.group(1)) * 1024 if m else 0
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    except FileNotFoundError:
+        return []
+    kids = [int(p) for p in out]
+    return kids + [g for k in kids for g in children(k)]
+
+
+class RssSampler:
+    """Peak RSS of a process tree, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    cold_start_s: float
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> Server:
+    port = free_port()
+    environ = {
+        **os.environ,
+        "ERC_MODEL_STORE": str(store),
+        "ERC_PORT": str(port),
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    log_path = log_dir / "erc-serve.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=environ,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(log_path.read_text()[-2000:])
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return Server(proc, url, time.perf_counter() - t0, log_path)
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > 120:
+            proc.kill()
+            raise TimeoutError("server not ready in 120 s")
+        time.sleep(0.02)
+
+
+# Requests are formatted once in init(): formatting them per request in Lua would spend the
+# load generator's CPU, which shares the 2 cores with the servers.
+WRK_SCRIPT = r"""
+local reqs = {}
+local path, auth = "%(path)s", "%(auth)s"
+local i = 0
+function init(args)
+  local headers = {["Content-Type"] = "image/png"}
+  if auth ~= "" then headers["Authorization"] = auth end
+  for n = 0, %(count)d - 1 do
+    local f = io.open(string.format("%(dir)s/%%d.png", n), "rb")
+    reqs[n + 1] = wrk.format("POST", path, headers, f:read("*a"))
+    f:close()
+  end
+end
+function request()
+  i = i %% #reqs + 1
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "errors_status": %%d, '
+    .. '"errors_connect": %%d, "errors_read": %%d, "errors_write": %%d, "errors_timeout": %%d, '
+    .. '"p50_ms": %%.3f, "p90_ms": %%.3f, "p99_ms": %%.3f, "max_ms": %%.3f, "mean_ms": %%.3f}\n',
+    summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
+    summary.errors.read, summary.errors.write, summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    latency.max / 1000, latency.mean / 1000))
+end
+"""
+
+
+@dataclass
+class WrkResult:
+    clients: int
+    seconds: float
+    requests: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run_wrk(
+    url: str, path: str, pngs: list[bytes], clients: int, seconds: float, auth: str = ""
+) -> WrkResult:
+    """Closed-loop load: ``clients`` connections, each sending the MNIST PNGs round-robin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, png in enumerate(pngs):
+            Path(tmp, f"{i}.png").write_bytes(png)
+        script = Path(tmp, "load.lua")
+        script.write_text(WRK_SCRIPT % {"path": path, "auth": auth, "count": len(pngs), "dir": tmp})
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
+    d = json.loads(line[len("WRKJSON ") :])
+    secs = d["duration_us"] / 1e6
+    errors = {k[len("errors_") :]: v for k, v in d.items() if k.startswith("errors_")}
+    return WrkResult(
+        clients,
+        round(secs, 2),
+        d["requests"],
+        round(d["requests"] / secs, 1),
+        d["p50_ms"],
+        d["p90_ms"],
+        d["p99_ms"],
+        d["max_ms"],
+        errors,
+    )
+
+
+def check_labels(post, pngs: list[bytes], expected: list[int]) -> int:
+    """Send each image once; return how many labels differ from the in-process ones."""
+    wrong = 0
+    for png, label in zip(pngs, expected, strict=True):
+        r = post(png)
+        r.raise_for_status()
+        wrong += int(r.json()["predictions"][0]["label"] != label)
+    return wrong
+
+
+def in_process_labels(store: Path, name: str, images: np.ndarray) -> list[int]:
+    model, _ = load_model(store / name)
+    with torch.inference_mode():
+        x = torch.from_numpy(images).float().div(255)
+        return model(x).argmax(1).tolist()
