@@ -15,7 +15,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 SYSTEM_PACKAGES := dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev system-deps lint typecheck unit clean
+.PHONY: run test install install-dev system-deps lint typecheck unit clean bench-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,20 @@ system-deps:
 	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update && $(APT_INSTALL) $$missing; }; \
 	fi
 
-# The main job: train a small ER-Classifier on MNIST on the CPU (about a minute), attack it with
-# PGD, and export it to model_store/quickstart.
+# The main job: serve model_store/ (ERC_* variables configure it, see docs/api.md). With no model
+# in the store yet, first train a small ER-Classifier on the CPU (about a minute) and export it.
 run: install
-	$(ERC) train --config training/configs/quickstart.yaml
-	$(ERC) eval runs/quickstart --eps 0,0.1,0.2,0.3 --steps 20 --n 1000 --out runs/quickstart/eval
-	$(ERC) export runs/quickstart --name quickstart --eval-n 2000
+	@if ! ls model_store/*/card.json >/dev/null 2>&1; then \
+	  echo "model_store/ holds no model: training the quickstart model first"; \
+	  $(ERC) train --config training/configs/quickstart.yaml && \
+	  $(ERC) export runs/quickstart --name quickstart --eval-n 2000 --robust-steps 20; \
+	fi
+	$(ERC) serve
+
+# Benchmarks (bounded, loopback only; wrk from Debian). Results: docs/benchmarks.md.
+bench-serve: install-dev
+	@command -v wrk >/dev/null || $(APT_INSTALL) wrk
+	$(BIN)/python bench/serve.py
 
 lint: install-dev
 	$(BIN)/ruff check .

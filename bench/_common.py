@@ -250,9 +250,22 @@ def run_wrk(
             Path(tmp, f"{i}.png").write_bytes(png)
         script = Path(tmp, "load.lua")
         script.write_text(WRK_SCRIPT % {"path": path, "auth": auth, "count": len(pngs), "dir": tmp})
-        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url]
+        cmd = [
+            "wrk",
+            "-t1",
+            f"-c{clients}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
+    lines = [ln for ln in out.splitlines() if ln.startswith("WRKJSON ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no summary: {out[-1000:]}")
+    line = lines[0]
     d = json.loads(line[len("WRKJSON ") :])
     secs = d["duration_us"] / 1e6
     errors = {k[len("errors_") :]: v for k, v in d.items() if k.startswith("errors_")}

@@ -83,6 +83,11 @@ class Batcher:
         self._rows_queued = 0
         self._pending = 0  # requests being read/decoded that will be submitted soon
         self._last_batch_items = 0
+        # Wake-up economy: a submit wakes a worker only when one is idle, or when the rows queued
+        # complete the batch a collecting worker waits for (each needless wake-up is a GIL hand-off
+        # with the event loop, which is busy reading the very requests the batch waits for).
+        self._idle_workers = 0
+        self._rows_needed = 0
         self._cond = threading.Condition()
         self._stopping = False
         self.workers = workers
@@ -135,7 +140,6 @@ class Batcher:
         finally:
             with self._cond:
                 self._pending -= 1
-                self._cond.notify_all()
 
     async def submit(self, x: torch.Tensor) -> Any:
         """Queue ``x`` (``[n, ...]``, n <= max_queue) and wait for its ``n`` output rows."""
@@ -151,7 +155,8 @@ class Batcher:
             self._queue.append(_Item(x, future, loop, time.perf_counter(), rows))
             self._rows_queued += rows
             depth = self._rows_queued
-            self._cond.notify_all()
+            if self._idle_workers or (self._rows_needed and depth >= self._rows_needed):
+                self._cond.notify()
         if self.stats.on_depth:
             self.stats.on_depth(depth)
         try:
@@ -199,7 +204,9 @@ class Batcher:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
+                self._rows_needed = self.max_batch - rows
                 self._cond.wait(remaining)
+                self._rows_needed = 0
         self._last_batch_items = len(batch)
         return batch
 
@@ -207,7 +214,9 @@ class Batcher:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
+                    self._idle_workers += 1
                     self._cond.wait()
+                    self._idle_workers -= 1
                 if not self._queue and self._stopping:
                     return
                 batch = self._collect()
