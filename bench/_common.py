@@ -12,18 +12,14 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -31,6 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.launch import ServerProcess, free_port, start_server  # noqa: E402, F401
 from training.card import ModelCard, StagedModel, load_model  # noqa: E402
 from training.data import dataset_info, load_split  # noqa: E402
 from training.models import create_model  # noqa: E402
@@ -55,12 +52,6 @@ def machine() -> dict[str, Any]:
         "torch": str(torch.__version__),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_model(store: Path, name: str) -> tuple[Path, str]:
@@ -145,56 +136,10 @@ class RssSampler:
         self._thread.join()
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    cold_start_s: float
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:
+    return start_server(store, log_dir / "erc-serve.log", **env)
 
 
-def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> Server:
-    port = free_port()
-    environ = {
-        **os.environ,
-        "ERC_MODEL_STORE": str(store),
-        "ERC_PORT": str(port),
-        "PYTHONPATH": str(REPO),
-        **env,
-    }
-    log_path = log_dir / "erc-serve.log"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
-        env=environ,
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(log_path.read_text()[-2000:])
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return Server(proc, url, time.perf_counter() - t0, log_path)
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() - t0 > 120:
-            proc.kill()
-            raise TimeoutError("server not ready in 120 s")
-        time.sleep(0.02)
-
-
-# Requests are formatted once in init(): formatting them per request in Lua would spend the
-# load generator's CPU, which shares the 2 cores with the servers.
 WRK_SCRIPT = r"""
 local reqs = {}
 local path, auth = "%(path)s", "%(auth)s"

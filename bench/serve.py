@@ -113,7 +113,7 @@ def main() -> int:
     # -- ours ----------------------------------------------------------------------------------
     srv = start_erc(store, env, workdir)
     ours: dict = {
-        "cold_start_s": round(srv.cold_start_s, 2),
+        "cold_start_s": round(srv.started_s, 2),
         "rss_ready_mb": round(rss_bytes(srv.proc.pid) / 2**20, 1),
     }
     with httpx.Client(base_url=srv.url, timeout=30) as c:

@@ -36,6 +36,16 @@ from service.schemas import (
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 
 OUTPUTS = ("logits", "probabilities", "embedding", "label")
+INFER_DOC: dict[str, Any] = {
+    "response_model": InferResponse,
+    "responses": error_responses(400, 404, 413, 422, 503),
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+        }
+    },
+}
 
 
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
@@ -203,33 +213,11 @@ async def _bytes_input(tensor: dict[str, Any], spec: Any, settings: Any) -> Any:
     return x
 
 
-@router.post(
-    "/v2/models/{name}/infer",
-    response_model=InferResponse,
-    responses=error_responses(400, 404, 413, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
-        }
-    },
-    summary="Inference",
-)
+@router.post("/v2/models/{name}/infer", summary="Inference", **INFER_DOC)
 async def infer(name: str, request: Request) -> Response:
     return await _infer(request, _model(request, name, None))
 
 
-@router.post(
-    "/v2/models/{name}/versions/{version}/infer",
-    response_model=InferResponse,
-    responses=error_responses(400, 404, 413, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
-        }
-    },
-    summary="Inference (one version)",
-)
+@router.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)", **INFER_DOC)
 async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(request, _model(request, name, version))

@@ -4,34 +4,21 @@ models for real, and ``erc serve`` started as a subprocess on a free loopback po
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from service import launch
+from service.launch import ServerProcess, free_port
 from training.config import load_config
 from training.data import load_split
 from training.export import export_run
 from training.train import run_training
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -82,70 +69,17 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    started_s: float
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
-
-    def stop(self, timeout: float = 30) -> bool:
-        """SIGTERM; True when the server shut down gracefully within ``timeout``.
-
-        uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM
-        (or 0); the log line "Application shutdown complete" tells a clean stop from a kill.
-        """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return False
-        clean_exit = self.proc.returncode in (0, -signal.SIGTERM)
-        return clean_exit and "Application shutdown complete" in self.log.read_text()
-
-
-def start_server(store: Path, log_dir: Path, **env: str) -> Server:
-    port = free_port()
-    environ = {
-        **os.environ,
-        "ERC_MODEL_STORE": str(store),
-        "ERC_PORT": str(port),
-        "ERC_HOST": "127.0.0.1",
-        "ERC_TORCH_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        **env,
-    }
-    log = log_dir / f"server-{port}.log"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
-        env=environ,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+def start_server(store: Path, log_dir: Path, **env: str) -> ServerProcess:
+    """``erc serve`` on ``store`` with one torch thread (the tests run side by side on 2 cores)."""
+    return launch.start_server(
+        store,
+        log_dir / f"server-{len(list(log_dir.glob('server-*')))}.log",
+        **{"ERC_TORCH_THREADS": "1", **env},
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return Server(url, proc, log, time.perf_counter() - t0)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server not ready in time:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start_server(
         model_store,
         tmp_path_factory.mktemp("logs"),

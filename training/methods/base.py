@@ -133,6 +133,15 @@ class Method:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def descend(self, loss: torch.Tensor, *optimizers: str) -> None:
+        """One optimizer step of ``loss`` for the named optimizers (gradients zeroed first)."""
+        opts = [self.optimizers[name] for name in optimizers]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+
     def train(self, mode: bool = True) -> None:
         for m in self.modules.values():
             m.train(mode)
@@ -183,6 +192,11 @@ class _Features(nn.Module):
         if self.distribution:
             return self.encoder.distribution(self.normalize(x))  # type: ignore[operator]
         return self.encoder(self.normalize(x))
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Share of correct predictions in a batch, as a detached scalar tensor (no host sync)."""
+    return (logits.detach().argmax(1) == y).float().mean()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:

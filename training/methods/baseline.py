@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from training.methods.base import Method
+from training.methods.base import Method, accuracy
 
 
 class StandardMethod(Method):
@@ -29,11 +29,8 @@ class StandardMethod(Method):
         with self.autocast():
             logits = self.net(x)
         loss = F.cross_entropy(logits.float(), y)
-        opt = self.optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
+        self.descend(loss, "model")
+        return {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
 
 class MadryMethod(StandardMethod):

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from training.methods.base import Method, _Features, frozen
+from training.methods.base import Method, _Features, accuracy, frozen
 from training.models import build_discriminator
 from training.priors import get_prior
 
@@ -59,10 +59,7 @@ class ERMethod(Method):
         z_p = self.prior.sample(x.shape[0], self.model.embed_dim, self.device, None)
         with self.autocast():
             gap = self.critic(z_p).float().mean() - self.critic(z_q).float().mean()
-        opt = self.optimizers["discriminator"]
-        opt.zero_grad(set_to_none=True)
-        (-m.lambda_disc * gap).backward()
-        opt.step()
+        self.descend(-m.lambda_disc * gap, "discriminator")
         with torch.no_grad():
             for p in self.discriminator.parameters():
                 p.clamp_(-m.clip, m.clip)
@@ -73,24 +70,15 @@ class ERMethod(Method):
         with self.autocast():
             logits = self.head(self.features(x))
         loss = self.cfg.method.lambda_cls * F.cross_entropy(logits.float(), y)
-        enc, cls = self.optimizers["encoder"], self.optimizers["classifier"]
-        enc.zero_grad(set_to_none=True)
-        cls.zero_grad(set_to_none=True)
-        loss.backward()
-        cls.step()
-        enc.step()
-        acc = (logits.detach().argmax(1) == y).float().mean()
-        return {"loss": loss.detach(), "acc": acc}
+        self.descend(loss, "encoder", "classifier")
+        return {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
     def encoder_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Algorithm 1 step 9: the encoder ascends the critic's score of its codes."""
-        enc = self.optimizers["encoder"]
         with frozen(self.discriminator):
             with self.autocast():
                 score = self.discriminator(self.features(x)).float().mean()
-            enc.zero_grad(set_to_none=True)
-            (-self.cfg.method.lambda_enc * score).backward()
-            enc.step()
+            self.descend(-self.cfg.method.lambda_enc * score, "encoder")
         return {"enc_score": score.detach()}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,11 +128,5 @@ class VAEClaMethod(ERMethod):
         ce = F.cross_entropy(logits.float(), y)
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
         loss = self.cfg.method.lambda_cls * ce + self.cfg.method.kl_weight * kl
-        enc, cls = self.optimizers["encoder"], self.optimizers["classifier"]
-        enc.zero_grad(set_to_none=True)
-        cls.zero_grad(set_to_none=True)
-        loss.backward()
-        cls.step()
-        enc.step()
-        acc = (logits.detach().argmax(1) == y).float().mean()
-        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(), "acc": acc}
+        self.descend(loss, "encoder", "classifier")
+        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(), "acc": accuracy(logits, y)}

@@ -13,49 +13,19 @@ pool. The Tiny ImageNet column is VGG16-BN with ``Linear(2048, 4096)`` (64 -> 2x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from training.models import register_model
 from training.models.base import EmbeddingClassifier
-from training.models.er import VGG16, VGG19, _normalize, vgg_body, with_rse_noise
+from training.models.er import VGG16, VGG19, assemble, vgg_body, vgg_head
 from training.models.layers import scaled
-
-
-def _baseline(
-    features: list[nn.Module],
-    head: nn.Linear,
-    *,
-    num_classes: int,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    noise_init: float,
-    noise_inner: float,
-    ensemble: int,
-) -> EmbeddingClassifier:
-    features = with_rse_noise(features, noise_init, noise_inner)
-    return EmbeddingClassifier(
-        nn.Sequential(*features),
-        head,
-        embed_dim=head.in_features,
-        num_classes=num_classes,
-        normalize=_normalize(mean, std),
-        ensemble=ensemble,
-    )
 
 
 @register_model
 def lenet_mnist(
-    *,
-    num_classes: int = 10,
-    width: float = 1.0,
-    in_chans: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, num_classes: int = 10, width: float = 1.0, in_chans: int = 1, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 8, MNIST: conv(1,20,5)-pool-conv(20,50,5)-pool-fc(800,500)-fc(500,10), ReLU."""
     c1, c2, h = scaled(20, width), scaled(50, width), scaled(500, width)
@@ -70,55 +40,22 @@ def lenet_mnist(
         nn.Linear(c2 * 4 * 4, h),
         nn.ReLU(inplace=True),
     ]
-    return _baseline(
-        features,
-        nn.Linear(h, num_classes),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
-    )
+    return assemble(features, nn.Linear(h, num_classes), embed_dim=h, num_classes=num_classes, **options)
 
 
 @register_model
 def vgg19_cifar10(
-    *,
-    num_classes: int = 10,
-    width: float = 1.0,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
     """VGG19 with BatchNorm for 32x32 inputs (5 pools -> 1x1x512) and a Linear(512, 10) head."""
     features = [*vgg_body(in_chans, VGG19, width, batch_norm=True), nn.Flatten()]
-    return _baseline(
-        features,
-        nn.Linear(scaled(512, width), num_classes),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
-    )
+    h = scaled(512, width)
+    return assemble(features, nn.Linear(h, num_classes), embed_dim=h, num_classes=num_classes, **options)
 
 
 @register_model
 def cnn_stl10(
-    *,
-    num_classes: int = 10,
-    width: float = 1.0,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 8, STL-10: six 3x3 conv-BN(affine=False)-ReLU blocks with five pools, global pool,
     Linear(256, 10)."""
@@ -134,49 +71,20 @@ def cnn_stl10(
         features += [nn.Conv2d(prev, c, 3, padding=1), nn.BatchNorm2d(c, affine=False), nn.ReLU(inplace=True)]
         prev = c
     features += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return _baseline(
-        features,
-        nn.Linear(prev, num_classes),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
+    return assemble(
+        features, nn.Linear(prev, num_classes), embed_dim=prev, num_classes=num_classes, **options
     )
 
 
 @register_model
 def vgg16_tinyimagenet(
-    *,
-    num_classes: int = 200,
-    width: float = 1.0,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, num_classes: int = 200, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
-    """Figure 8, Tiny ImageNet: VGG16-BN (64 -> 2x2x512), Linear(2048,4096)-ReLU-Dropout x2, 200 classes."""
+    """Figure 8, Tiny ImageNet: VGG16-BN (64 -> 2x2x512), Linear(2048,4096)-ReLU-Dropout x2, 200 classes.
+
+    The head's last Linear is the classifier; everything before it is the "embedding" (4096).
+    """
     h = scaled(4096, width)
-    features = [
-        *vgg_body(in_chans, VGG16, width, batch_norm=True),
-        nn.Flatten(),
-        nn.Linear(scaled(512, width) * 2 * 2, h),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.5),
-        nn.Linear(h, h),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.5),
-    ]
-    return _baseline(
-        features,
-        nn.Linear(h, num_classes),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
-    )
+    head = vgg_head(scaled(512, width) * 2 * 2, h, num_classes)
+    features = [*vgg_body(in_chans, VGG16, width, batch_norm=True), nn.Flatten(), *list(head)[:-1]]
+    return assemble(features, head[-1], embed_dim=h, num_classes=num_classes, **options)

@@ -18,12 +18,13 @@ Deviation from the figures, on purpose: the CIFAR-10 classifier's last layer pri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from training.models import register_model
 from training.models.base import EmbeddingClassifier, GaussianEncoder
-from training.models.layers import Normalize, scaled
+from training.models.layers import GaussianNoise, Normalize, scaled
 
 
 def _normalize(mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize | None:
@@ -32,13 +33,6 @@ def _normalize(mean: Sequence[float] | None, std: Sequence[float] | None) -> Nor
     if mean is None or std is None:
         raise ValueError("give both mean and std, or neither")
     return Normalize(mean, std)
-
-
-def _encoder(body: list[nn.Module], feat: int, embed_dim: int, variational: bool) -> nn.Module:
-    """Feature layers + flatten + the embedding ``fc``; VAE encoders emit twice the width."""
-    fc = nn.Linear(feat, 2 * embed_dim if variational else embed_dim)
-    seq = nn.Sequential(*body, nn.Flatten(), fc)
-    return GaussianEncoder(seq, embed_dim) if variational else seq
 
 
 def _dcgan_body(in_chans: int, chans: Sequence[int]) -> list[nn.Module]:
@@ -117,8 +111,6 @@ def with_rse_noise(body: list[nn.Module], noise_init: float, noise_inner: float)
     ``noise_inner`` (Liu et al. 2017, Section 3.1). Identity when both are 0."""
     if noise_init == 0 and noise_inner == 0:
         return body
-    from training.models.layers import GaussianNoise
-
     out: list[nn.Module] = []
     first = True
     for layer in body:
@@ -129,23 +121,38 @@ def with_rse_noise(body: list[nn.Module], noise_init: float, noise_inner: float)
     return out
 
 
-def _assemble(
-    body: list[nn.Module],
-    feat: int,
+def assemble(
+    features: list[nn.Module],
     classifier: nn.Module,
     *,
     embed_dim: int,
     num_classes: int,
-    variational: bool,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    noise_init: float,
-    noise_inner: float,
-    ensemble: int,
+    embed_from: int | None = None,
+    variational: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    noise_init: float = 0.0,
+    noise_inner: float = 0.0,
+    ensemble: int = 1,
 ) -> EmbeddingClassifier:
-    body = with_rse_noise(body, noise_init, noise_inner)
+    """The options every architecture shares, in one place.
+
+    ``features`` are the encoder's layers; with ``embed_from`` set (ER encoders) they end in a
+    flatten and a ``Linear(embed_from, k)`` embedding layer (``2k`` outputs for VAE encoders),
+    otherwise (baselines) the features themselves are the embedding. Normalization (``mean``,
+    ``std``), RSE noise layers and the inference ensemble are added here.
+    """
+    features = with_rse_noise(features, noise_init, noise_inner)
+    if embed_from is not None:
+        fc = nn.Linear(embed_from, 2 * embed_dim if variational else embed_dim)
+        body = nn.Sequential(*features, nn.Flatten(), fc)
+        encoder: nn.Module = GaussianEncoder(body, embed_dim) if variational else body
+    elif variational:
+        raise ValueError("only ER encoders can be variational")
+    else:
+        encoder = nn.Sequential(*features)
     return EmbeddingClassifier(
-        _encoder(body, feat, embed_dim, variational),
+        encoder,
         classifier,
         embed_dim=embed_dim,
         num_classes=num_classes,
@@ -154,88 +161,52 @@ def _assemble(
     )
 
 
+# Every builder takes these keyword options besides its own (see ``assemble``): variational, mean,
+# std, noise_init, noise_inner, ensemble.
+
+
 @register_model
 def er_mnist(
-    *,
-    embed_dim: int = 4,
-    num_classes: int = 10,
-    width: float = 1.0,
-    variational: bool = False,
-    in_chans: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, embed_dim: int = 4, num_classes: int = 10, width: float = 1.0, in_chans: int = 1, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 9, MNIST: 4 conv layers 128-256-512-1024 (28->14->7->3->1), fc 1024->k; BN-MLP head."""
     chans = [scaled(c, width) for c in (128, 256, 512, 1024)]
-    return _assemble(
+    return assemble(
         _dcgan_body(in_chans, chans),
-        chans[-1],
         _bn_mlp_classifier(embed_dim, num_classes, width),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        variational=variational,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
+        embed_from=chans[-1],
+        **options,
     )
 
 
 @register_model
 def er_stl10(
-    *,
-    embed_dim: int = 16,
-    num_classes: int = 10,
-    width: float = 1.0,
-    variational: bool = False,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, embed_dim: int = 16, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 10, STL-10: 5 stride-2 convs 128..2048 then a 3x3 stride-2 conv (96->...->3->1)."""
     chans = [scaled(c, width) for c in (128, 256, 512, 1024, 2048)]
-    body = _dcgan_body(in_chans, chans)
     last = scaled(2048, width)
-    body += [
+    body = [
+        *_dcgan_body(in_chans, chans),
         nn.Conv2d(chans[-1], last, kernel_size=3, stride=2, bias=False),
         nn.BatchNorm2d(last),
         nn.ReLU(True),
     ]
-    return _assemble(
+    return assemble(
         body,
-        last,
         _bn_mlp_classifier(embed_dim, num_classes, width),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        variational=variational,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
+        embed_from=last,
+        **options,
     )
 
 
 @register_model
 def er_cifar10(
-    *,
-    embed_dim: int = 16,
-    num_classes: int = 10,
-    width: float = 1.0,
-    variational: bool = False,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, embed_dim: int = 16, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 10, CIFAR-10: VGG19 features without BatchNorm (32->1), fc 512->k; dropout MLP head."""
     h = scaled(512, width)
@@ -249,59 +220,42 @@ def er_cifar10(
         nn.ReLU(inplace=True),
         nn.Linear(h, num_classes),
     )
-    return _assemble(
+    return assemble(
         vgg_body(in_chans, VGG19, width, batch_norm=False),
-        scaled(512, width),
         classifier,
         embed_dim=embed_dim,
         num_classes=num_classes,
-        variational=variational,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
+        embed_from=scaled(512, width),
+        **options,
+    )
+
+
+def vgg_head(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """Linear-ReLU-Dropout twice, then Linear: the VGG classifier (Tiny ImageNet, Figures 8 and 10)."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
     )
 
 
 @register_model
 def er_tinyimagenet(
-    *,
-    embed_dim: int = 20,
-    num_classes: int = 200,
-    width: float = 1.0,
-    variational: bool = False,
-    in_chans: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    noise_init: float = 0.0,
-    noise_inner: float = 0.0,
-    ensemble: int = 1,
+    *, embed_dim: int = 20, num_classes: int = 200, width: float = 1.0, in_chans: int = 3, **options: Any
 ) -> EmbeddingClassifier:
     """Figure 10, Tiny ImageNet: VGG16-BN features, global average pool, fc 512->k; 4096-4096 head."""
-    h = scaled(4096, width)
-    classifier = nn.Sequential(
-        nn.Linear(embed_dim, h),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.5),
-        nn.Linear(h, h),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.5),
-        nn.Linear(h, num_classes),
-    )
     body = [*vgg_body(in_chans, VGG16, width, batch_norm=True), nn.AdaptiveAvgPool2d(1)]
-    return _assemble(
+    return assemble(
         body,
-        scaled(512, width),
-        classifier,
+        vgg_head(embed_dim, scaled(4096, width), num_classes),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        variational=variational,
-        mean=mean,
-        std=std,
-        noise_init=noise_init,
-        noise_inner=noise_inner,
-        ensemble=ensemble,
+        embed_from=scaled(512, width),
+        **options,
     )
 
 

@@ -1,0 +1,86 @@
+"""``erc serve`` as a child process: start it on a free loopback port, wait until ``/readyz``
+answers 200, stop it with SIGTERM. Shared by the integration tests and the benchmarks (and any
+script that runs the stack without containers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started_s: float  # from process start to /readyz 200: the cold start
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
+
+    def stop(self, timeout: float = 30) -> bool:
+        """SIGTERM; True when the server shut down gracefully within ``timeout``.
+
+        uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM
+        (or 0); the log line "Application shutdown complete" tells a clean stop from a kill.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return False
+        clean_exit = self.proc.returncode in (0, -signal.SIGTERM)
+        return clean_exit and "Application shutdown complete" in self.log.read_text(errors="replace")
+
+
+def start_server(store: Path, log: Path, *, timeout: float = 120.0, **env: str) -> ServerProcess:
+    """Start ``python -m service.cli serve`` on the models of ``store``; ``env`` adds ERC_* settings."""
+    port = free_port()
+    environ = {
+        **os.environ,
+        "ERC_MODEL_STORE": str(store),
+        "ERC_PORT": str(port),
+        "ERC_HOST": "127.0.0.1",
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=environ,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return ServerProcess(url, proc, log, time.perf_counter() - t0)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    raise TimeoutError(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
