@@ -48,11 +48,10 @@ INFERENCE_DURATION = Histogram(
 QUEUE_DEPTH = Gauge("erc_queue_depth", "Rows waiting in the batch queue", ["model"])
 MODEL_INFO = Gauge(
     "erc_model_info",
-    "Served model (value 1) with its identity",
-    ["model", "arch", "dataset", "method", "sha256"],
+    "Served model (value 1) with its identity; version = first 12 hex digits of the weights' sha256",
+    ["model", "version", "arch", "dataset", "method", "sha256"],
 )
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
-REJECTED = Counter("erc_rejected_requests_total", "Requests refused before inference", ["reason"])
 
 
 def render() -> tuple[bytes, str]:

@@ -133,6 +133,7 @@ class ModelRegistry:
         )
 
     def load(self, path: Path) -> ServedModel:
+        """Load, verify, warm and start one model; any failure refuses the model, not the server."""
         name = path.name
         served = ServedModel(name, path)
         self.models[name] = served
@@ -140,42 +141,17 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             served.card = read_card(path)
-            engine = InferenceEngine.from_store(path, self.device)
+            self._start(served)
         except CardError as exc:
             served.status, served.reason = "failed", str(exc)
             log.error("model %s refused: %s", name, exc)
             return served
-        except Exception as exc:  # any other failure to build or load is also a refusal, not a crash
+        except Exception as exc:  # any other failure to build, load or warm is also a refusal
             served.status, served.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("model %s refused", name)
             return served
-        served.card = engine.card
-        served.engine = engine
-        s = self.settings
-        if s.warmup:
-            engine.warmup(_bucket_sizes(s.max_batch_size))
-        depth_gauge = metrics.QUEUE_DEPTH.labels(model=name)
-
-        def on_batch(rows: int, waits: list[float], seconds: float) -> None:
-            _observe_batch(name, rows, waits, seconds)
-
-        stats = BatchStats(on_batch=on_batch, on_depth=depth_gauge.set)
-        served.batcher = Batcher(
-            name,
-            engine.forward,
-            max_batch=s.max_batch_size,
-            wait_s=s.batch_wait_ms / 1000.0,
-            max_queue=s.max_queue,
-            timeout_s=s.queue_timeout_s,
-            stats=stats,
-        )
-        served.batcher.start()
-        served.status = "ready"
         served.load_seconds = round(time.perf_counter() - t0, 3)
-        card = engine.card
-        metrics.MODEL_INFO.labels(
-            model=name, arch=card.arch, dataset=card.dataset, method=card.method, sha256=card.weights_sha256
-        ).set(1)
+        card = served.card
         metrics.MODEL_READY.labels(model=name).set(1)
         log.info(
             "model %s ready in %.2f s (%s, %s, sha256 %s...)",
@@ -186,6 +162,40 @@ class ModelRegistry:
             card.weights_sha256[:12],
         )
         return served
+
+    def _start(self, served: ServedModel) -> None:
+        s, name = self.settings, served.name
+        engine = InferenceEngine.from_store(served.path, self.device)
+        served.card = engine.card
+        served.engine = engine
+        if s.warmup:
+            engine.warmup(_bucket_sizes(s.max_batch_size))
+
+        def on_batch(rows: int, waits: list[float], seconds: float) -> None:
+            _observe_batch(name, rows, waits, seconds)
+
+        stats = BatchStats(on_batch=on_batch, on_depth=metrics.QUEUE_DEPTH.labels(model=name).set)
+        served.batcher = Batcher(
+            name,
+            engine.forward,
+            max_batch=s.max_batch_size,
+            wait_s=s.batch_wait_ms / 1000.0,
+            max_queue=s.max_queue,
+            timeout_s=s.queue_timeout_s,
+            workers=s.workers,
+            stats=stats,
+        )
+        card = engine.card
+        metrics.MODEL_INFO.labels(
+            model=name,
+            version=served.version,
+            arch=card.arch,
+            dataset=card.dataset,
+            method=card.method,
+            sha256=card.weights_sha256,
+        ).set(1)
+        served.batcher.start()
+        served.status = "ready"
 
     def stop(self, timeout: float = 10.0) -> None:
         for m in self.models.values():

@@ -452,15 +452,16 @@ def test_concurrent_requests_each_get_their_own_answer(server, mnist_sample, ref
     assert labels == reference["label"].tolist()
 
 
-def test_metrics(server) -> None:
+def test_metrics(server, mnist_sample) -> None:
     with server.client() as c:
+        c.post("/v1/models/tiny:predict", content=mnist_sample.pngs[0], headers={"content-type": "image/png"})
         c.post("/v1/models/tiny:predict", content=b"nope", headers={"content-type": "image/png"})
         text = c.get("/metrics").text
     assert 'erc_http_requests_total{method="POST",route="/v1/models/{name}:predict",status="200"}' in text
     assert 'route="/v1/models/{name}:predict",status="422"' in text
     assert "erc_inference_batch_size_bucket" in text and "erc_queue_wait_seconds_bucket" in text
     assert 'erc_model_ready{model="tiny"} 1.0' in text and 'erc_model_ready{model="broken"} 0.0' in text
-    assert 'erc_model_info{arch="er_mnist"' in text
+    assert 'erc_model_info{arch="er_mnist"' in text and 'version="' in text
     assert "process_resident_memory_bytes" in text
     assert "/v1/models/nope" not in text, "labels use route templates, never raw paths"
 

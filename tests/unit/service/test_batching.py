@@ -181,3 +181,19 @@ def test_stats_hooks_see_every_batch() -> None:
     _run(main())
     b.stop()
     assert sum(r for r, _ in seen) == 8 and stats.rows == 8 and stats.batches == len(seen)
+
+
+def test_several_workers_share_one_queue() -> None:
+    fn = Recorder(delay=0.01)
+    b = Batcher("t", fn, max_batch=4, wait_s=0.0, workers=3)
+    b.start()
+
+    async def main():
+        xs = [torch.full((1, 2), float(i)) for i in range(24)]
+        return xs, await asyncio.gather(*(b.submit(x) for x in xs))
+
+    xs, outs = _run(main())
+    assert b.running
+    b.stop()
+    assert all(torch.equal(o.values, 2 * x + 1) for x, o in zip(xs, outs, strict=True))
+    assert sum(fn.sizes) == 24 and max(fn.sizes) <= 4
