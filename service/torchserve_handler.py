@@ -17,7 +17,6 @@ Environment: ``ERC_TORCH_THREADS`` (torch intra-op threads), ``ERC_MAX_IMAGE_PIX
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import orjson
@@ -51,15 +50,14 @@ class ERCHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
-        defaults = Settings()
-        threads = int(os.environ.get("ERC_TORCH_THREADS", "0") or 0)
-        if threads:
-            torch.set_num_threads(threads)
+        settings = Settings()  # the same ERC_* variables as the service
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         gpu = props.get("gpu_id")
         device = f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu"
         self.engine = InferenceEngine.from_store(props["model_dir"], device)
-        self.max_pixels = int(os.environ.get("ERC_MAX_IMAGE_PIXELS", defaults.max_image_pixels))
-        self.max_instances = int(os.environ.get("ERC_MAX_INSTANCES", defaults.max_instances))
+        self.max_pixels = settings.max_image_pixels
+        self.max_instances = settings.max_instances
         self.engine.warmup([1])
         self.initialized = True
         log.info(

@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.imaging import Decoded, InputSpec
 from service.payloads import ImagePayload, decode_all, parse_instances
+from service.registry import ModelRegistry
 from service.settings import Settings
 
 # Below this many bytes of images per request, decoding inline on the event loop costs less than a
@@ -22,6 +23,17 @@ from service.settings import Settings
 INLINE_DECODE_BYTES = 64 * 1024
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+def registry(request: Request) -> ModelRegistry:
+    """The app's model registry (created in the lifespan)."""
+    reg: ModelRegistry = request.app.state.registry
+    return reg
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 async def read_body(request: Request, limit: int) -> bytes:

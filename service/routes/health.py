@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from service import metrics
 from service.http import json_response
-from service.routes.v1 import _registry
+from service.routes.common import registry
 from service.schemas import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
@@ -25,7 +25,7 @@ async def healthz() -> Response:
     summary="Readiness: the default model is loaded and warm and its queue is not full; per-model detail",
 )
 async def readyz(request: Request) -> Response:
-    ok, detail = _registry(request).readiness()
+    ok, detail = registry(request).readiness()
     return json_response({"ready": ok, "models": detail}, status=200 if ok else 503)
 
 

@@ -11,8 +11,8 @@ from service import metrics
 from service.http import json_response
 from service.inference import Outputs
 from service.payloads import embed_body, predict_body, prediction_options
-from service.registry import ModelRegistry, ServedModel
-from service.routes.common import decode_batch, image_payload
+from service.registry import ServedModel
+from service.routes.common import decode_batch, image_payload, registry, settings_of
 from service.schemas import (
     IMAGE_BODY,
     EmbedResponse,
@@ -21,24 +21,13 @@ from service.schemas import (
     PredictResponse,
     error_responses,
 )
-from service.settings import Settings
 
 router = APIRouter(tags=["v1"])
 
 
-def _registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.app.state.registry
-    return registry
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 @router.get("/v1/models", response_model=ModelList, summary="List served models with their card summaries")
 async def list_models(request: Request) -> Response:
-    reg = _registry(request)
+    reg = registry(request)
     return json_response(
         {"models": [m.summary() for m in reg.models.values()], "default_model": reg.default_name}
     )
@@ -51,7 +40,7 @@ async def list_models(request: Request) -> Response:
     summary="One model's card summary",
 )
 async def get_model(name: str, request: Request) -> Response:
-    reg = _registry(request)
+    reg = registry(request)
     model = reg.models.get(name)
     if model is None:
         reg.get(name)  # raises ModelNotFound with the list of served names
@@ -61,8 +50,8 @@ async def get_model(name: str, request: Request) -> Response:
 
 async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[Any], dict[str, bool]]:
     """Read, validate (options first, then images), decode, and classify one request."""
-    reg = _registry(request)
-    settings = _settings(request)
+    reg = registry(request)
+    settings = settings_of(request)
     model = reg.get(name)
     assert model.batcher is not None and model.engine is not None
     with model.batcher.expecting():

@@ -21,8 +21,7 @@ from service.errors import InvalidInput, LimitExceeded, NotFound
 from service.http import json_response
 from service.payloads import ImagePayload, b64decode
 from service.registry import ServedModel
-from service.routes.common import decode_batch, parse_json, read_body
-from service.routes.v1 import _registry, _settings
+from service.routes.common import decode_batch, parse_json, read_body, registry, settings_of
 from service.schemas import (
     InferResponse,
     Liveness,
@@ -65,12 +64,12 @@ async def live() -> Response:
     summary="Server readiness (200 ready, 400 not ready, as the protocol asks)",
 )
 async def ready(request: Request) -> Response:
-    ok, _ = _registry(request).readiness()
+    ok, _ = registry(request).readiness()
     return json_response({"ready": ok}, status=200 if ok else 400)
 
 
 def _model(request: Request, name: str, version: str | None) -> ServedModel:
-    model = _registry(request).get(name)
+    model = registry(request).get(name)
     if version is not None and version != model.version:
         raise NotFound(
             f"model {name!r} has version {model.version}, not {version!r}", code="version_not_found"
@@ -124,7 +123,7 @@ async def model_version_metadata(name: str, version: str, request: Request) -> R
     summary="Model readiness (200 ready, 400 not ready)",
 )
 async def model_ready(name: str, request: Request) -> Response:
-    reg = _registry(request)
+    reg = registry(request)
     if name not in reg.models:
         reg.get(name)  # 404 with the served names
     ok = reg.models[name].ready
@@ -132,7 +131,7 @@ async def model_ready(name: str, request: Request) -> Response:
 
 
 async def _infer(request: Request, model: ServedModel) -> Response:
-    settings = _settings(request)
+    settings = settings_of(request)
     assert model.engine is not None and model.batcher is not None
     spec = model.engine.spec
     with model.batcher.expecting():
