@@ -170,3 +170,16 @@ def test_eps_warmup_ramps_linearly(monkeypatch) -> None:
         m.set_progress(progress)
         m.train_step(x, y)
     assert seen == pytest.approx([0.075, 0.3, 0.3]), "no attack at eps 0, then eps * progress / warmup"
+
+
+def test_bf16_autocast_and_channels_last_step_on_cpu() -> None:
+    """The GPU speed options take the same code path on the CPU (autocast on the method's device)."""
+    m = _method("er", **{"run.amp": "bf16", "run.channels_last": True})
+    m.train(True)
+    x, y = _batch()
+    x = x.contiguous(memory_format=torch.channels_last)
+    before = _params(m.model)
+    out = m.train_step(x, y)
+    assert torch.isfinite(torch.stack(list(out.values()))).all()
+    assert _changed(before, m.model)
+    assert all(p.dtype == torch.float32 for p in m.model.parameters()), "weights stay fp32 under autocast"
