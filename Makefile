@@ -11,11 +11,13 @@ PIP := $(BIN)/python -m pip
 ERC := $(BIN)/erc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
-# Debian packages the tests use: Fashion-MNIST (the second dataset on this machine).
-SYSTEM_PACKAGES := dataset-fashion-mnist
+# Debian packages the tests use: Fashion-MNIST (the second dataset on this machine), Prometheus
+# (the native stack test); and those the container tests use (rootful podman, offline builds).
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus
+DEPLOY_PACKAGES := podman runc debootstrap docker-compose
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev system-deps lint typecheck unit clean bench-serve
+.PHONY: run test install install-dev system-deps deploy-deps lint typecheck unit deploy-test clean bench-serve wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +34,19 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
 
-system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+define apt_ensure
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update && $(APT_INSTALL) $$missing; }; \
 	fi
+endef
+
+system-deps:
+	$(call apt_ensure,$(SYSTEM_PACKAGES))
+
+deploy-deps:
+	$(call apt_ensure,$(DEPLOY_PACKAGES))
 
 # The main job: serve model_store/ (ERC_* variables configure it, see docs/api.md). With no model
 # in the store yet, first train a small ER-Classifier on the CPU (about a minute) and export it.
@@ -64,7 +73,15 @@ typecheck: install-dev
 unit: install-dev system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# The docker-compose stack built and run with rootful podman (tests/deploy, marker "deploy").
+deploy-test: install-dev system-deps deploy-deps
+	$(BIN)/pytest -m deploy tests/deploy $(PYTEST_ARGS)
+
+test: lint typecheck unit deploy-test
+
+# Wheels for offline image builds (docker/wheels/, not committed).
+wheelhouse: install-dev
+	$(BIN)/python -m pip wheel -q -w docker/wheels -c constraints.txt '.[torchserve]' setuptools
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -137,7 +137,7 @@ class RssSampler:
 
 
 def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:
-    return start_server(store, log_dir / "erc-serve.log", **env)
+    return start_server(store, log_dir / "erc-serve.log", env=env)
 
 
 WRK_SCRIPT = r"""

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -292,6 +293,25 @@ def cmd_package(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- stack --------------------------------------------------------------------------------------
+def cmd_stack(args: argparse.Namespace) -> int:
+    from service.stack import start_stack
+
+    stack = start_stack(Path(args.store), args.model)
+    ts = stack.torchserve
+    assert stack.api is not None and ts is not None
+    _out(f"API          {stack.api.url}  (docs: {stack.api.url}/docs)")
+    _out(f"TorchServe   {ts.inference_url}  management {ts.management_url}  metrics {ts.metrics_url}")
+    _out(f"             keys: {ts.workdir / 'key_file.json'}")
+    _out(f"Prometheus   {stack.prometheus_url}")
+    _out(f"logs in {stack.workdir}; Ctrl-C stops the stack")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        stack.stop()
+    return 0
+
+
 # -- list ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from training.data import list_datasets
@@ -424,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--version", default="1.0", help="TorchServe model version")
     pk.add_argument("--out", help="folder for the .mar (default: the store)")
     pk.set_defaults(func=cmd_package)
+
+    st = sub.add_parser("stack", help="API + TorchServe + Prometheus on 127.0.0.1, without containers")
+    st.add_argument("--store", default="model_store")
+    st.add_argument("--model", default="mnist-er", help="the model TorchServe serves (the API serves all)")
+    st.set_defaults(func=cmd_stack)
 
     ls = sub.add_parser("list", help="architectures, methods, priors and datasets")
     ls.set_defaults(func=cmd_list)

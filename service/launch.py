@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """Status code of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, urllib.error.URLError):
+        return None
+
+
 @dataclass
 class ServerProcess:
     url: str
@@ -31,8 +43,11 @@ class ServerProcess:
     log: Path
     started_s: float  # from process start to /readyz 200: the cold start
 
-    def client(self, **kw: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
+    def client(self, **kw: Any) -> Any:
+        """An ``httpx.Client`` on this server (httpx is a test dependency, imported here only)."""
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
 
     def stop(self, timeout: float = 30) -> bool:
         """SIGTERM; True when the server shut down gracefully within ``timeout``.
@@ -52,7 +67,9 @@ class ServerProcess:
         return clean_exit and "Application shutdown complete" in self.log.read_text(errors="replace")
 
 
-def start_server(store: Path, log: Path, *, timeout: float = 120.0, **env: str) -> ServerProcess:
+def start_server(
+    store: Path, log: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> ServerProcess:
     """Start ``python -m service.cli serve`` on the models of ``store``; ``env`` adds ERC_* settings."""
     port = free_port()
     environ = {
@@ -61,7 +78,7 @@ def start_server(store: Path, log: Path, *, timeout: float = 120.0, **env: str) 
         "ERC_PORT": str(port),
         "ERC_HOST": "127.0.0.1",
         "PYTHONPATH": str(REPO),
-        **env,
+        **(env or {}),
     }
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -76,11 +93,8 @@ def start_server(store: Path, log: Path, *, timeout: float = 120.0, **env: str) 
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return ServerProcess(url, proc, log, time.perf_counter() - t0)
-        except httpx.HTTPError:
-            pass
+        if http_status(url + "/readyz") == 200:
+            return ServerProcess(url, proc, log, time.perf_counter() - t0)
         time.sleep(0.02)
     proc.kill()
     raise TimeoutError(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")

@@ -20,7 +20,7 @@ from service.batching import Batcher, BatchStats
 from service.errors import ModelNotFound, ModelNotReady
 from service.inference import InferenceEngine
 from service.settings import Settings
-from training.card import CARD_FILE, CardError, ModelCard, read_card
+from training.card import CardError, ModelCard, read_card
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,12 @@ class ModelRegistry:
         if not store.is_dir():
             log.error("model store %s does not exist", store)
             return []
-        found = sorted(
-            p
-            for p in store.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / CARD_FILE).exists()
-        )
+        try:
+            # Every visible folder is a model; one without a readable card is refused with a reason.
+            found = sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as exc:
+            log.error("model store %s is unreadable: %s", store, exc)
+            return []
         wanted = self.settings.models
         if wanted:
             names = {p.name for p in found}

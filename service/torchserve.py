@@ -17,10 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "docker" / "torchserve" / "config.properties"
@@ -45,6 +45,15 @@ class TorchServe:
     def management_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()['management']}"}
 
+    def model_status(self, model: str) -> list[dict[str, object]]:
+        """The model's workers as the management API reports them (needs the management key)."""
+        req = urllib.request.Request(
+            f"{self.management_url}/models/{model}", headers=self.management_headers()
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            workers: list[dict[str, object]] = json.load(resp)[0].get("workers", [])
+        return workers
+
     def wait_ready(self, model: str, timeout: float = 180.0) -> None:
         deadline = time.time() + timeout
         last = ""
@@ -53,16 +62,12 @@ class TorchServe:
                 raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if (self.workdir / "key_file.json").exists():
-                    r = httpx.get(
-                        f"{self.management_url}/models/{model}", headers=self.management_headers(), timeout=5
-                    )
-                    last = r.text
-                    if r.status_code == 200 and any(
-                        w.get("status") == "READY" for w in r.json()[0].get("workers", [])
-                    ):
+                    workers = self.model_status(model)
+                    last = str(workers)
+                    if any(w.get("status") == "READY" for w in workers):
                         return
-            except (httpx.HTTPError, json.JSONDecodeError, KeyError, IndexError):
-                pass
+            except (OSError, urllib.error.URLError, json.JSONDecodeError, KeyError, IndexError) as exc:
+                last = str(exc)
             time.sleep(0.5)
         raise TimeoutError(
             f"TorchServe model {model} not READY in {timeout:.0f} s: {last[-500:]}\n{self.log_tail()}"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from training.data import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,3 +37,23 @@ def erc_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class MnistSample:
+    images: np.ndarray  # [N, 28, 28] uint8
+    labels: np.ndarray  # [N]
+    pngs: list[bytes]
+
+
+@pytest.fixture(scope="session")
+def mnist_sample() -> MnistSample:
+    test = load_split("mnist", "test", n=64, seed=123)
+    images = test.images[:, 0].numpy()
+    return MnistSample(images, test.labels.numpy(), [png_bytes(a) for a in images])

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import __version__
-from training.checkpoint import atomic_write_text
+from training.checkpoint import READABLE_DIR, READABLE_FILE, atomic_write_text
 from training.models import EmbeddingClassifier, create_model
 
 CARD_FORMAT = "erc-model-card/1"
@@ -102,6 +102,8 @@ def read_card(model_dir: str | os.PathLike[str]) -> ModelCard:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CardError(f"{path}: no card") from None
+    except OSError as exc:
+        raise CardError(f"{path}: unreadable ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
         raise CardError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -136,7 +138,10 @@ def load_model(
         raise CardError(f"{model_dir / CARD_FILE}: weights_file must be a plain file name")
     if not weights.is_file():
         raise CardError(f"{weights}: weights file missing")
-    actual = sha256_file(weights)
+    try:
+        actual = sha256_file(weights)
+    except OSError as exc:
+        raise CardError(f"{weights}: unreadable ({exc.strerror or exc})") from None
     if actual != card.weights_sha256:
         raise CardError(f"{weights}: sha256 {actual} does not match the card's {card.weights_sha256}")
     model = build_model(card)
@@ -161,6 +166,7 @@ def save_weights(model: torch.nn.Module, path: Path, dtype: str) -> None:
         for k, v in model.state_dict().items()
     }
     save_file(state, str(path), metadata={"format": "pt", "dtype": dtype})
+    path.chmod(READABLE_FILE)
 
 
 class StagedModel:
@@ -175,6 +181,7 @@ class StagedModel:
         self.name = name
         self.store.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.store))
+        self.dir.chmod(READABLE_DIR)  # mkdtemp makes it 0700; the model must be readable by services
 
     def write_weights(self, model: torch.nn.Module, dtype: str) -> str:
         """Store the weights in ``dtype``; returns their sha256 for the card."""

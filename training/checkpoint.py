@@ -16,6 +16,8 @@ from typing import IO, Any
 import torch
 
 CHECKPOINT_FORMAT = "erc-checkpoint/1"
+READABLE_FILE = 0o644
+READABLE_DIR = 0o755
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -37,6 +39,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates 0600 files; what we write (checkpoints, cards, weights) is meant to be
+        # read by other users too, e.g. a non-root service user in a container.
+        os.fchmod(fd, READABLE_FILE)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

@@ -3,42 +3,17 @@ models for real, and ``erc serve`` started as a subprocess on a free loopback po
 
 from __future__ import annotations
 
-import io
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from service import launch
 from service.launch import ServerProcess, free_port
 from training.config import load_config
-from training.data import load_split
 from training.export import export_run
 from training.train import run_training
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@dataclass
-class MnistSample:
-    images: np.ndarray  # [N, 28, 28] uint8
-    labels: np.ndarray  # [N]
-    pngs: list[bytes]
-
-
-@pytest.fixture(scope="session")
-def mnist_sample() -> MnistSample:
-    test = load_split("mnist", "test", n=64, seed=123)
-    images = test.images[:, 0].numpy()
-    return MnistSample(images, test.labels.numpy(), [png_bytes(a) for a in images])
 
 
 def _train_export(root: Path, store: Path, name: str, overrides: dict) -> Path:
@@ -71,11 +46,8 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_server(store: Path, log_dir: Path, **env: str) -> ServerProcess:
     """``erc serve`` on ``store`` with one torch thread (the tests run side by side on 2 cores)."""
-    return launch.start_server(
-        store,
-        log_dir / f"server-{len(list(log_dir.glob('server-*')))}.log",
-        **{"ERC_TORCH_THREADS": "1", **env},
-    )
+    log = log_dir / f"server-{len(list(log_dir.glob('server-*')))}.log"
+    return launch.start_server(store, log, env={"ERC_TORCH_THREADS": "1", **env})
 
 
 @pytest.fixture(scope="module")

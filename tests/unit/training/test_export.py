@@ -161,3 +161,11 @@ def test_resolve_model_by_name_path_and_run(run_dir: Path, tmp_path: Path) -> No
     assert by_run.train_eps == pytest.approx(0.3)
     with pytest.raises(FileNotFoundError, match=r"card\.json"):
         resolve_model("nope", tmp_path)
+
+
+def test_stored_files_are_readable_by_other_users(run_dir: Path, tmp_path: Path) -> None:
+    """A non-root service user (the API container's) must be able to read what export wrote."""
+    path = _export(run_dir, tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o755
+    for f in path.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f

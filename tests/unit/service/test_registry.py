@@ -1,0 +1,47 @@
+"""Model discovery and refusal without a server: broken entries never stop the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import ModelNotFound, ModelNotReady
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+
+def test_entries_without_a_card_are_refused_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".staging-x").mkdir()  # hidden folders (unfinished exports) are not models
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "card.json").write_text("{not json")
+    reg = ModelRegistry(Settings(model_store=tmp_path, warmup=False))
+    reg.load_all()
+    assert set(reg.models) == {"empty", "garbled"}
+    assert "no card" in (reg.models["empty"].reason or "")
+    assert "not valid JSON" in (reg.models["garbled"].reason or "")
+    ok, detail = reg.readiness()
+    assert not ok and detail["empty"]["ready"] is False
+    with pytest.raises(ModelNotReady, match="no card"):
+        reg.get("empty")
+    with pytest.raises(ModelNotFound, match="empty, garbled"):
+        reg.get("nope")
+
+
+def test_missing_store_and_unknown_requested_models(tmp_path: Path) -> None:
+    reg = ModelRegistry(Settings(model_store=tmp_path / "absent"))
+    reg.load_all()
+    assert reg.models == {} and reg.default_name is None and reg.readiness()[0] is False
+    reg = ModelRegistry(Settings(model_store=tmp_path, models="a,b"))
+    reg.load_all()
+    assert {m.reason for m in reg.models.values()} == {
+        f"no model 'a' in {tmp_path}",
+        f"no model 'b' in {tmp_path}",
+    }
+
+
+def test_settings_validation() -> None:
+    assert Settings(models="x, y,").models == ["x", "y"]
+    with pytest.raises(ValueError, match="max_instances"):
+        Settings(max_instances=10, max_queue=5)
