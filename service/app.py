@@ -18,10 +18,11 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, metrics
+from service.audit.jobs import AuditManager
 from service.errors import ServiceError
 from service.http import error_response, install_handlers
 from service.registry import ModelRegistry
-from service.routes import health, v1, v2
+from service.routes import admin, health, v1, v2
 from service.schemas import component_schemas
 from service.settings import Settings, get_settings
 
@@ -114,13 +115,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = ModelRegistry(settings)
         registry.load_all()
         app.state.registry = registry
+        app.state.audits = AuditManager(settings)
+        app.state.audits.start()
         ok, _ = registry.readiness()
         log.info("startup done in %.2f s; ready=%s", time.perf_counter() - t0, ok)
         try:
             yield
         finally:
+            app.state.audits.stop()
             registry.stop()
-            log.info("models stopped")
+            log.info("models and audits stopped")
 
     app = FastAPI(
         title="ER-Classifier service",
@@ -137,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.add_middleware(MetricsMiddleware)
 
     def openapi() -> dict[str, Any]:

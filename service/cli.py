@@ -245,6 +245,111 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- audit --------------------------------------------------------------------------------------
+def _attack_arg(text: str) -> tuple[str, dict[str, Any]]:
+    """``pgd:steps=40,restarts=2`` -> ("pgd", {"steps": 40, "restarts": 2})."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"attack parameters look like key=value, got {item!r}")
+        params[key.strip()] = yaml.safe_load(value)
+    return name.strip(), params
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import threading
+
+    import torch
+    from tqdm import tqdm
+
+    from service.audit.engine import AuditSpec, Progress, make_attack
+    from service.audit.report import render
+    from service.audit.runner import checks_cost, default_spec, run_audit
+    from training.card import CardError
+    from training.checkpoint import atomic_write_text
+    from training.data import load_split
+    from training.distributed import pick_device
+    from training.export import resolve_model
+
+    try:
+        loaded = resolve_model(args.model, args.store, args.device)
+    except (FileNotFoundError, CardError) as exc:
+        raise SystemExit(f"erc: {exc}") from None
+    base = default_spec(loaded.train_eps, args.norm)
+    try:
+        attacks = [make_attack(n, p, args.norm) for n, p in args.attack] if args.attack else base.attacks
+    except ValueError as exc:
+        raise SystemExit(f"erc: {exc}") from None
+    spec = AuditSpec(
+        eps=sorted(set(args.eps)) if args.eps else base.eps,
+        attacks=attacks,
+        norm=args.norm,
+        precision=args.precision,
+        seed=args.seed,
+        checks=not args.no_checks,
+        batch_size=args.batch_size,
+    )
+    dataset = args.dataset or loaded.dataset
+    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed)
+    x, y = data.as_float(), data.labels
+    progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
+    done = threading.Event()
+
+    def show() -> None:
+        with tqdm(total=100, desc="audit", unit="%", disable=args.no_progress, dynamic_ncols=True) as bar:
+            while not done.wait(0.5):
+                snap = progress.snapshot()
+                bar.n = int(100 * snap["fraction"])
+                bar.set_postfix_str(snap["stage"])
+                bar.refresh()
+            bar.n = 100
+            bar.refresh()
+
+    shower = threading.Thread(target=show, daemon=True)
+    shower.start()
+    device = pick_device(args.device)
+    info = {
+        "name": loaded.name,
+        "weights_sha256": loaded.weights_sha256,
+        "source": loaded.source,
+        "path": str(loaded.path),
+        "dataset": loaded.dataset,
+    }
+    try:
+        result = run_audit(
+            loaded.model,
+            x,
+            y,
+            spec,
+            device=torch.device(device),
+            model_info=info,
+            data_info={"source": "test", "dataset": dataset, "n": len(x), "seed": args.data_seed},
+            progress=progress,
+        )
+    finally:
+        done.set()
+        shower.join()
+    out = Path(args.out)
+    atomic_write_text(out / "audit.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "report.html", render(result))
+    device_used = result["environment"]["device"]
+    _out(f"{loaded.name} ({loaded.source}), {dataset} test n={len(x)}, {spec.norm}, {device_used}")
+    _out(f"clean accuracy {100 * result['clean']['accuracy']:.2f}%")
+    labels = [a["label"] for a in result["attacks"]]
+    _out(f"{'eps':>8} {'union':>8} " + " ".join(f"{lb:>12}" for lb in labels))
+    for row in result["per_eps"]:
+        cells = " ".join(f"{100 * row['attacks'][lb]['accuracy']:11.2f}%" for lb in labels)
+        _out(f"{row['eps']:8.4f} {100 * row['union']['accuracy']:7.2f}% {cells}")
+    for c in result["checks"]:
+        _out(f"  [{c['status'].upper():4}] {c['name']}: {c['message']}")
+    _out(f"wrote {out / 'audit.json'} and {out / 'report.html'} ({result['timings_s']['total']:.1f} s)")
+    return 0
+
+
 # -- serve --------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -420,6 +525,33 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--data-dir", required=True)
     dl.add_argument("--mirror", help="base URL to fetch the same file names from")
     data.set_defaults(func=cmd_data)
+
+    au = sub.add_parser(
+        "audit", help="robustness audit of a model: attacks, sanity checks, JSON + HTML report"
+    )
+    au.add_argument("model", help="model name in the store, a model directory, or a run directory")
+    au.add_argument("--store", default="model_store")
+    au.add_argument("--dataset", help="test split of this dataset (default: the model's)")
+    au.add_argument("--data-dir")
+    au.add_argument("--n", type=int, default=500, help="samples drawn from the test split")
+    au.add_argument("--data-seed", type=int, default=0)
+    au.add_argument("--eps", type=_floats, help="radii (default: 0, half and all of the training eps)")
+    au.add_argument(
+        "--attack",
+        type=_attack_arg,
+        action="append",
+        help="NAME[:key=value,...], repeatable: fgsm, pgd, apgd, square, cw "
+        "(default: fgsm, pgd:steps=40, apgd:steps=100)",
+    )
+    au.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    au.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
+    au.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
+    au.add_argument("--batch-size", type=int, default=256)
+    au.add_argument("--device", default="auto")
+    au.add_argument("--out", default="audit", help="folder for audit.json and report.html")
+    au.add_argument("--no-progress", action="store_true")
+    au.set_defaults(func=cmd_audit)
 
     sv = sub.add_parser("serve", help="serve the model store over HTTP (settings from ERC_* variables)")
     sv.add_argument("--host", help="bind address [ERC_HOST, default 127.0.0.1]")

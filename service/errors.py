@@ -5,7 +5,8 @@
     ServiceError                       {"error": {"code": ..., "message": ...}}
     +-- BadRequest            400      malformed JSON, base64, form data
     +-- Unauthorized          401      admin token missing or wrong
-    +-- NotFound              404      unknown route or model  (ModelNotFound)
+    +-- NotFound              404      unknown route, model or audit  (ModelNotFound)
+    +-- Conflict              409      audit queue full; cancelling a finished audit
     +-- PayloadTooLarge       413      body, batch, pixel limits  (LimitExceeded)
     +-- UnsupportedMediaType  415      a Content-Type we do not read
     +-- InvalidInput          422      not an image, corrupt image, bad tensor values or shape
@@ -51,6 +52,10 @@ class NotFound(ServiceError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
 
 
 class PayloadTooLarge(ServiceError):

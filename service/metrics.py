@@ -51,6 +51,19 @@ MODEL_INFO = Gauge(
     "Served model (value 1) with its identity; version = first 12 hex digits of the weights' sha256",
     ["model", "version", "arch", "dataset", "method", "sha256"],
 )
+AUDIT_ROBUST_ACCURACY = Gauge(
+    "erc_audit_robust_accuracy",
+    "Robust accuracy of the last finished audit, per eps and attack (attack=union: every attack failed)",
+    ["model", "eps", "attack"],
+)
+AUDIT_CLEAN_ACCURACY = Gauge(
+    "erc_audit_clean_accuracy", "Clean accuracy in the last finished audit", ["model"]
+)
+AUDIT_DURATION = Gauge("erc_audit_duration_seconds", "Duration of the last finished audit", ["model"])
+AUDIT_TIMESTAMP = Gauge(
+    "erc_audit_last_finished_timestamp_seconds", "When the last audit finished", ["model"]
+)
+AUDITS = Counter("erc_audits_total", "Audits by final status", ["status"])
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
 
 

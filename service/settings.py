@@ -52,10 +52,22 @@ class Settings(BaseSettings):
     max_instances: int = Field(64, ge=1, description="images per request (413 beyond)")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="decoded width*height limit (413 beyond)")
 
-    # -- admin ----------------------------------------------------------------------------------
+    # -- admin and audits ------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
         None, description="bearer token of /admin routes; unset disables them"
     )
+    audit_dir: Path = Field(Path("audits"), description="where audit results and reports are written")
+    audit_device: str = Field("auto", description="device of audits: auto (CUDA when present), cpu, cuda:N")
+    audit_threads: int | None = Field(
+        None, ge=1, description="torch threads of the audit process; default: half"
+    )
+    audit_niceness: int = Field(10, ge=0, le=19, description="nice value of the audit process (CPU priority)")
+    audit_max_work: float = Field(
+        5e6, gt=0, description="largest audit: samples x eps levels x forward-backward passes per sample"
+    )
+    audit_max_n: int = Field(10000, ge=1, description="largest number of audited samples")
+    audit_max_queued: int = Field(4, ge=0, description="audits waiting behind the running one (409 beyond)")
+    audit_keep: int = Field(50, ge=1, description="finished audits kept in memory for GET /admin/audits")
 
     log_level: str = Field("info", description="debug, info, warning, error")
 

@@ -1,0 +1,378 @@
+"""The audit engine: every requested attack at every eps on the same samples, per-sample robust
+flags, their union over attacks (a sample is robust only if every attack failed on it), 95 %
+Wilson intervals, distortions of the successful attacks, timings, and everything needed to
+reproduce the figures (settings, seeds, device, versions).
+
+Eps levels are stacked into large batches with a per-sample eps (the attacks take eps as a
+``[N]`` tensor), which keeps a GPU busy; on CUDA the attacks may run in bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import platform
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from training import __version__
+from training.attacks import ATTACKS, get_step
+from training.evaluate import wilson_interval
+
+# Attack name -> the norms it works in and what one image costs, in forward+backward passes.
+NORMS = {"fgsm": ("linf",), "pgd": ("linf", "l2"), "apgd": ("linf", "l2"), "square": ("linf",), "cw": ("l2",)}
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "fgsm": {},
+    "pgd": {"steps": 40, "restarts": 1},
+    "apgd": {"steps": 100, "restarts": 1},
+    "square": {"queries": 1000},
+    "cw": {"steps": 100, "binary_steps": 5},
+}
+
+
+class AuditCancelled(Exception):
+    """Raised inside the engine when its cancel event is set."""
+
+
+@dataclass
+class AttackRun:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fn(self) -> Callable[..., torch.Tensor]:
+        return ATTACKS[self.name]
+
+    @property
+    def cost(self) -> float:
+        """Forward+backward passes per image (a forward-only query counts a third)."""
+        p = {**DEFAULT_PARAMS[self.name], **self.params}
+        if self.name == "fgsm":
+            return 1.0
+        if self.name in ("pgd", "apgd"):
+            return float(p["steps"] * p.get("restarts", 1))
+        if self.name == "square":
+            return p["queries"] * p.get("restarts", 1) / 3.0
+        return float(p["steps"] * p["binary_steps"])
+
+    @property
+    def label(self) -> str:
+        p = {**DEFAULT_PARAMS[self.name], **self.params}
+        if self.name in ("pgd", "apgd"):
+            r = p.get("restarts", 1)
+            return f"{self.name.upper()}-{p['steps']}" + (f"x{r}" if r > 1 else "")
+        if self.name == "square":
+            return f"Square-{p['queries']}"
+        if self.name == "cw":
+            return f"CW-{p['binary_steps']}x{p['steps']}"
+        return "FGSM"
+
+    def kwargs(self, norm: str) -> dict[str, Any]:
+        kw = {**DEFAULT_PARAMS[self.name], **self.params}
+        if self.name in ("pgd", "apgd"):
+            kw["norm"] = norm
+        return kw
+
+
+def make_attack(name: str, params: dict[str, Any] | None, norm: str) -> AttackRun:
+    """Validate an attack request: known name, norm it supports, parameters its function takes."""
+    if name not in NORMS or name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(n for n in NORMS if n in ATTACKS)}")
+    if norm not in NORMS[name]:
+        raise ValueError(f"attack {name!r} works in {'/'.join(NORMS[name])}, not {norm}")
+    params = dict(params or {})
+    accepted = set(inspect.signature(ATTACKS[name]).parameters) - {
+        "model",
+        "x",
+        "y",
+        "eps",
+        "generator",
+        "norm",
+    }
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(
+            f"attack {name!r} takes no parameter(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(sorted(accepted))}"
+        )
+    for key in ("steps", "restarts", "queries", "binary_steps"):
+        if key in params and (
+            not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 1
+        ):
+            raise ValueError(f"attack {name!r}: {key} must be a positive integer, got {params[key]!r}")
+    return AttackRun(name, params)
+
+
+@dataclass
+class AuditSpec:
+    eps: list[float]
+    attacks: list[AttackRun]
+    norm: str = "linf"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only, checked against fp32)
+    seed: int = 0
+    checks: bool = True
+    batch_size: int = 256
+    embed_points: int = 300  # samples shown in the 2-D embedding view
+
+    def work(self, n: int) -> float:
+        """Forward+backward passes the attacks will cost on n samples (the audit bound)."""
+        levels = sum(1 for e in self.eps if e > 0)
+        return n * levels * sum(a.cost for a in self.attacks)
+
+
+@dataclass
+class Progress:
+    """Thread-safe progress: fraction done, elapsed, estimate of the rest."""
+
+    total: float
+    done: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    stage: str = "starting"
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, work: float, stage: str | None = None) -> None:
+        with self.lock:
+            self.done = min(self.total, self.done + work)
+            if stage:
+                self.stage = stage
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            elapsed = time.perf_counter() - self.started
+            frac = self.done / self.total if self.total else 1.0
+            eta = elapsed / frac * (1 - frac) if frac > 0 else None
+            return {
+                "fraction": round(frac, 4),
+                "elapsed_s": round(elapsed, 1),
+                "remaining_s": None if eta is None else round(eta, 1),
+                "stage": self.stage,
+            }
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[s]).argmax(1) for s in _batches(len(x), batch)])
+
+
+def summarize(flags: torch.Tensor) -> dict[str, Any]:
+    k, n = int(flags.sum()), int(flags.numel())
+    lo, hi = wilson_interval(k, n)
+    return {
+        "accuracy": round(k / n, 6) if n else None,
+        "robust": k,
+        "n": n,
+        "ci95": [round(lo, 6), round(hi, 6)],
+    }
+
+
+def _distortion(d: torch.Tensor) -> dict[str, float | None]:
+    if d.numel() == 0:
+        return {"mean": None, "median": None, "max": None, "count": 0}
+    return {
+        "mean": round(float(d.mean()), 6),
+        "median": round(float(d.median()), 6),
+        "max": round(float(d.max()), 6),
+        "count": int(d.numel()),
+    }
+
+
+@dataclass
+class RunState:
+    """What the sanity checks need from a run, beyond its summary."""
+
+    clean: torch.Tensor  # [N] bool: correctly classified
+    idx: torch.Tensor  # indices of the correctly classified samples (the ones attacked)
+    flags: dict[str, dict[float, torch.Tensor]]  # attack label -> eps -> [N] robust flags
+    union: dict[float, torch.Tensor]  # eps -> [N] robust against every attack
+    adversarial: dict[str, torch.Tensor]  # attack name -> [levels, len(idx), C, H, W]
+    ball_violation: float  # largest excess over eps or outside [0, 1] seen in any example
+
+
+class Engine:
+    """Runs one audit on one device. ``cancel`` is polled between batches."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: AuditSpec,
+        *,
+        device: torch.device,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.spec = spec
+        self.device = device
+        self.cancel = cancel or threading.Event()
+        self.step = get_step(spec.norm)
+        self.progress = progress
+        if spec.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {spec.precision!r}")
+        self.bf16 = spec.precision == "bf16" and device.type == "cuda"
+
+    def _autocast(self) -> Any:
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise AuditCancelled("audit cancelled")
+
+    def attack_stacked(
+        self,
+        attack: AttackRun,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps_levels: list[float],
+        seed: int,
+        bf16: bool | None = None,
+    ) -> torch.Tensor:
+        """Adversarial examples for every (eps, sample) pair, ``[L, N, C, H, W]``: the eps levels
+        are stacked into batches with a per-sample eps."""
+        levels = torch.tensor(eps_levels, dtype=x.dtype)
+        n = len(x)
+        xs = x.repeat(len(eps_levels), 1, 1, 1)
+        ys = y.repeat(len(eps_levels))
+        es = levels.repeat_interleave(n)
+        out = torch.empty_like(xs)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        kwargs = attack.kwargs(self.spec.norm)
+        if "generator" in inspect.signature(attack.fn).parameters:
+            kwargs["generator"] = gen
+        use_bf16 = self.bf16 if bf16 is None else bf16
+        ctx = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if use_bf16
+            else torch.autocast(self.device.type, enabled=False)
+        )
+        for s in _batches(len(xs), self.spec.batch_size):
+            self._check_cancel()
+            xb, yb, eb = xs[s].to(self.device), ys[s].to(self.device), es[s].to(self.device)
+            with ctx:
+                out[s] = attack.fn(self.model, xb, yb, eps=eb, **kwargs).float().cpu()
+            if self.progress is not None:
+                self.progress.add((s.stop - s.start) * attack.cost, f"{attack.label}")
+        return out.view(len(eps_levels), n, *x.shape[1:])
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """x: ``[N, C, H, W]`` floats in [0, 1] (CPU), y: ``[N]``. Returns the audit result."""
+        spec = self.spec
+        t_start = time.perf_counter()
+        model = self.model
+        pred = _predict(model, x.to(self.device), spec.batch_size).cpu()
+        clean = pred == y
+        eps_all = sorted({float(e) for e in spec.eps})
+        eps_pos = [e for e in eps_all if e > 0]
+        result: dict[str, Any] = {"clean": summarize(clean), "eps": eps_all, "attacks": [], "per_eps": []}
+        union = {e: clean.clone() for e in eps_all}
+        flags: dict[str, dict[float, torch.Tensor]] = {}
+        dist: dict[str, dict[float, dict[str, Any]]] = {}
+        timings: dict[str, float] = {}
+        ball_violation = 0.0
+        idx = clean.nonzero().squeeze(1)  # only correctly classified samples can be "robust"
+        xc, yc = x[idx], y[idx]
+        adv_store: dict[str, torch.Tensor] = {}
+        for k, attack in enumerate(spec.attacks):
+            t0 = time.perf_counter()
+            f_att = {e: clean.clone() for e in eps_all}
+            d_att: dict[float, dict[str, Any]] = {}
+            if eps_pos and len(idx):
+                adv = self.attack_stacked(attack, xc, yc, eps_pos, spec.seed + 1000 * k)
+                adv_store[attack.name] = adv
+                for li, e in enumerate(eps_pos):
+                    xa = adv[li]
+                    d = self.step.distance(xa, xc)
+                    ball_violation = max(
+                        ball_violation, float((d - e).max()), float(-xa.min()), float(xa.max() - 1)
+                    )
+                    survived = _predict(model, xa.to(self.device), spec.batch_size).cpu() == yc
+                    f = torch.zeros_like(clean)
+                    f[idx] = survived
+                    f_att[e] = f
+                    union[e] &= f
+                    d_att[e] = _distortion(d[~survived])
+            timings[attack.label] = round(time.perf_counter() - t0, 3)
+            flags[attack.label] = f_att
+            dist[attack.label] = d_att
+            result["attacks"].append(
+                {
+                    "name": attack.name,
+                    "label": attack.label,
+                    "params": attack.kwargs(spec.norm),
+                    "cost_per_image": attack.cost,
+                    "seconds": timings[attack.label],
+                }
+            )
+        for e in eps_all:
+            row: dict[str, Any] = {"eps": e, "union": summarize(union[e]), "attacks": {}}
+            for label, f_att in flags.items():
+                row["attacks"][label] = {**summarize(f_att[e]), "distortion": dist[label].get(e)}
+            result["per_eps"].append(row)
+        result["timings_s"] = {**timings, "attacks_total": round(time.perf_counter() - t_start, 3)}
+        self.state = RunState(clean, idx, flags, union, adv_store, ball_violation)
+        return result
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": str(torch.__version__),
+        "erc": __version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def embedding_view(
+    model: Any, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int
+) -> dict[str, Any]:
+    """Clean and adversarial embeddings projected to 2-D with PCA fitted on the clean ones."""
+    with torch.no_grad():
+        z = torch.cat(
+            [model.forward_features(x[s].to(device)).float().cpu() for s in _batches(len(x), batch)]
+        )
+        za = torch.cat(
+            [model.forward_features(x_adv[s].to(device)).float().cpu() for s in _batches(len(x), batch)]
+        )
+        pa = torch.cat([model(x_adv[s].to(device)).argmax(1).cpu() for s in _batches(len(x), batch)])
+    mean = z.mean(0, keepdim=True)
+    if z.shape[1] <= 2:
+        basis = torch.eye(z.shape[1])[:, :2]
+    else:
+        _, _, v = torch.linalg.svd(z - mean, full_matrices=False)
+        basis = v[:2].T
+    return {
+        "clean": ((z - mean) @ basis).tolist(),
+        "adversarial": ((za - mean) @ basis).tolist(),
+        "labels": y.tolist(),
+        "adversarial_pred": pa.tolist(),
+        "method": "identity" if z.shape[1] <= 2 else "PCA fitted on the clean embeddings",
+        "embed_dim": int(z.shape[1]),
+    }
+
+
+def zero_gradient_share(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int
+) -> float:
+    """Share of samples whose cross-entropy input gradient is exactly zero (shattered gradients)."""
+    zero = 0
+    for s in _batches(len(x), batch):
+        xb = x[s].to(device).requires_grad_(True)
+        loss = F.cross_entropy(model(xb).float(), y[s].to(device), reduction="sum")
+        (g,) = torch.autograd.grad(loss, xb)
+        zero += int((g.flatten(1).abs().amax(1) == 0).sum())
+    return zero / max(len(x), 1)

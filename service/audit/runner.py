@@ -1,0 +1,93 @@
+"""One audit from start to end: attacks, sanity checks, the 2-D embedding view, and the record
+of how it was made. Shared by ``erc audit`` and the service's audit jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from service.audit.checks import run_checks
+from service.audit.engine import AttackRun, AuditSpec, Engine, Progress, embedding_view, environment
+
+CHECKS_SUBSET = 200
+
+
+def checks_cost(spec: AuditSpec, n: int) -> float:
+    """Forward+backward passes the sanity checks add (on at most CHECKS_SUBSET samples)."""
+    if not spec.checks:
+        return 0.0
+    m = min(n, CHECKS_SUBSET)
+    iterative = [a for a in spec.attacks if a.name in ("pgd", "apgd")]
+    extra = 21.0  # large-eps PGD-20, zero-gradient pass
+    if iterative:
+        extra += 4 * iterative[0].cost + 5  # twice the steps and restarts; eps-0 run
+    return m * extra
+
+
+def run_audit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: AuditSpec,
+    *,
+    device: torch.device,
+    model_info: dict[str, Any],
+    data_info: dict[str, Any],
+    progress: Progress | None = None,
+    cancel: Any = None,
+) -> dict[str, Any]:
+    """Audit ``model`` on ``x`` (``[N, C, H, W]`` in [0, 1]) with labels ``y``; returns a
+    JSON-serializable record."""
+    started = time.time()
+    t0 = time.perf_counter()
+    progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
+    engine = Engine(model, spec, device=device, cancel=cancel, progress=progress)
+    result = engine.run(x, y)
+    progress.add(0.0, "sanity checks")
+    checks = run_checks(engine, x, y, result, subset=CHECKS_SUBSET) if spec.checks else []
+    progress.add(0.0, "embedding view")
+    view = None
+    st = engine.state
+    eps_pos = [e for e in result["eps"] if e > 0]
+    if eps_pos and len(st.idx):
+        name = next((a.name for a in spec.attacks if a.name in ("pgd", "apgd")), spec.attacks[0].name)
+        m = min(spec.embed_points, len(st.idx))
+        adv = st.adversarial[name][-1][:m]  # the largest eps
+        view = embedding_view(engine.model, x[st.idx[:m]], adv, y[st.idx[:m]], device, spec.batch_size)
+        view["attack"] = next(a.label for a in spec.attacks if a.name == name)
+        view["eps"] = eps_pos[-1]
+    progress.add(progress.total, "done")
+    result.update(
+        model=model_info,
+        data=data_info,
+        settings={
+            "eps": result["eps"],
+            "norm": spec.norm,
+            "precision": spec.precision,
+            "bf16_active": engine.bf16,
+            "attacks": [
+                {"name": a.name, "label": a.label, "params": a.kwargs(spec.norm)} for a in spec.attacks
+            ],
+            "checks": spec.checks,
+            "batch_size": spec.batch_size,
+        },
+        seeds={"attacks": spec.seed, "data": data_info.get("seed")},
+        checks=[c.to_dict() for c in checks],
+        embedding=view,
+        environment=environment(device),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    )
+    result["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def default_spec(train_eps: float, norm: str = "linf") -> AuditSpec:
+    """FGSM, PGD-40 and APGD-CE-100 at eps 0, half and all of the training eps."""
+    eps = [0.0, round(train_eps / 2, 6), train_eps]
+    return AuditSpec(
+        eps=eps,
+        attacks=[AttackRun("fgsm"), AttackRun("pgd", {"steps": 40}), AttackRun("apgd", {"steps": 100})],
+        norm=norm,
+    )

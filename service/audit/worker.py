@@ -1,0 +1,103 @@
+"""The audit process: a child of the server, started with ``spawn``, at a lower CPU priority and
+with its own torch thread count, so that an audit never starves prediction traffic and a crash in
+it never takes the server down.
+
+It loads the model from the store and refuses to run if the weights' sha256 differs from the one
+the server serves (the audit must measure the exact weights being served), runs the audit, and
+writes ``{id}.json`` and ``{id}.html`` atomically. Messages to the parent go through a pipe:
+``("progress", dict)``, ``("done", {"json": path, "html": path})`` or ``("failed", message)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.audit.engine import AttackRun, AuditSpec, Progress
+from service.audit.report import render
+from service.audit.runner import checks_cost, run_audit
+from training.card import load_model
+from training.checkpoint import atomic_write_text
+from training.data import load_split
+
+
+def spec_from_dict(d: dict[str, Any]) -> AuditSpec:
+    return AuditSpec(
+        eps=list(d["eps"]),
+        attacks=[AttackRun(a["name"], dict(a.get("params") or {})) for a in d["attacks"]],
+        norm=d["norm"],
+        precision=d["precision"],
+        seed=d["seed"],
+        checks=d["checks"],
+        batch_size=d.get("batch_size", 256),
+    )
+
+
+def load_data(job: dict[str, Any], dataset: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    data = job["data"]
+    if data["source"] == "upload":
+        arrays = np.load(job["upload_path"])
+        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]).long()
+        return x, y, {"source": "upload", "n": len(y)}
+    name = data.get("dataset") or dataset
+    split = load_split(name, "test", data.get("data_dir"), n=data["n"], seed=data["seed"])
+    return (
+        split.as_float(),
+        split.labels,
+        {"source": "test", "dataset": name, "split": "test", "n": len(split), "seed": data["seed"]},
+    )
+
+
+def main(job: dict[str, Any], conn: Any) -> None:
+    """Entry point of the spawned process."""
+    try:
+        os.nice(int(job.get("niceness", 10)))
+        if job.get("threads"):
+            torch.set_num_threads(int(job["threads"]))
+        device = torch.device(job["device"])
+        model, card = load_model(job["model_dir"], device)
+        if card.weights_sha256 != job["weights_sha256"]:
+            raise RuntimeError(
+                f"weights of {card.name} changed on disk ({card.weights_sha256[:12]}) since the server "
+                f"loaded {job['weights_sha256'][:12]}: not auditing other weights than those served"
+            )
+        x, y, data_info = load_data(job, card.dataset)
+        spec = spec_from_dict(job["spec"])
+        progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
+        stop = threading.Event()
+
+        def report_progress() -> None:
+            while not stop.wait(0.5):
+                conn.send(("progress", progress.snapshot()))
+
+        reporter = threading.Thread(target=report_progress, daemon=True)
+        reporter.start()
+        info = {
+            "name": card.name,
+            "weights_sha256": card.weights_sha256,
+            "arch": card.arch,
+            "dataset": card.dataset,
+            "method": card.method,
+        }
+        result = run_audit(
+            model, x, y, spec, device=device, model_info=info, data_info=data_info, progress=progress
+        )
+        stop.set()
+        reporter.join()
+        result["id"] = job["id"]
+        out = Path(job["out_dir"])
+        json_path, html_path = out / f"{job['id']}.json", out / f"{job['id']}.html"
+        atomic_write_text(html_path, render(result))
+        atomic_write_text(json_path, json.dumps(result) + "\n")
+        conn.send(("done", {"json": str(json_path), "html": str(html_path)}))
+    except BaseException as exc:  # the parent must always hear how the audit ended
+        conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5)))
+    finally:
+        conn.close()

@@ -1,0 +1,261 @@
+"""Admin API: robustness audits of the served models, behind a bearer token.
+
+With no ``ERC_ADMIN_TOKEN`` configured every admin route answers 404, as if it did not exist. A
+missing or wrong token gets 401 (compared in constant time). See :mod:`service.audit.jobs` for the
+queueing policy.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from starlette.responses import HTMLResponse, Response
+
+from service.audit.engine import AuditSpec, make_attack
+from service.audit.jobs import Audit, AuditManager, default_threads
+from service.audit.runner import checks_cost
+from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
+from service.http import json_response
+from service.payloads import ImagePayload, b64decode, decode_all
+from service.routes.common import registry, settings_of
+from service.schemas import Instance, error_responses
+from training.data import dataset_info
+
+
+def audits(request: Request) -> AuditManager:
+    manager: AuditManager = request.app.state.audits
+    return manager
+
+
+async def require_admin(request: Request) -> None:
+    token = settings_of(request).admin_token
+    expected = token.get_secret_value() if token is not None else ""
+    if not expected:
+        raise NotFound("not found")  # admin disabled: the routes do not exist
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    ok = scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), expected.encode())
+    if not ok:
+        raise Unauthorized(
+            "missing or wrong admin token", headers={"WWW-Authenticate": 'Bearer realm="erc-admin"'}
+        )
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class AttackRequest(BaseModel):
+    name: Literal["fgsm", "pgd", "apgd", "square", "cw"]
+    params: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="keyword arguments of the attack"
+    )
+
+
+class DataRequest(BaseModel):
+    source: Literal["test", "upload"] = "test"
+    dataset: str | None = Field(None, description="test split of this dataset (default: the model's)")
+    n: int = Field(500, ge=1, description="samples drawn from the test split")
+    seed: int = Field(0, description="seed of the draw")
+    instances: list[Instance] | None = Field(None, description="uploaded images (source=upload)")
+    labels: list[int] | None = Field(None, description="their true labels (source=upload)")
+
+
+class AuditRequest(BaseModel):
+    model: str
+    data: DataRequest = Field(default_factory=DataRequest)
+    attacks: list[AttackRequest] | None = Field(
+        None, description="default: FGSM, PGD-40, APGD-CE-100", min_length=1, max_length=8
+    )
+    eps: list[float] | None = Field(
+        None, description="default: 0, half and all of the training eps", min_length=1, max_length=32
+    )
+    norm: Literal["linf", "l2"] = "linf"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    checks: bool = True
+
+
+class AuditCreated(BaseModel):
+    id: str
+    status: str
+    model: str
+    estimated_work: float
+    links: dict[str, str]
+
+
+def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
+    attacks = req.attacks or [
+        AttackRequest(name="fgsm"),
+        AttackRequest(name="pgd", params={"steps": 40}),
+        AttackRequest(name="apgd", params={"steps": 100}),
+    ]
+    if req.norm == "l2" and req.attacks is None:
+        attacks = [
+            AttackRequest(name="pgd", params={"steps": 40}),
+            AttackRequest(name="apgd", params={"steps": 100}),
+        ]
+    runs = []
+    for i, a in enumerate(attacks):
+        try:
+            runs.append(make_attack(a.name, dict(a.params), req.norm))
+        except ValueError as exc:
+            raise InvalidInput(f"attacks[{i}]: {exc}") from None
+    eps = req.eps if req.eps is not None else [0.0, train_eps / 2, train_eps]
+    top = 1.0 if req.norm == "linf" else math.sqrt(input_size)
+    for i, e in enumerate(eps):
+        if not math.isfinite(e) or e < 0 or e > top:
+            raise InvalidInput(f"eps[{i}] = {e} is outside [0, {top:g}] for {req.norm} on [0, 1] images")
+    return AuditSpec(
+        eps=sorted(set(eps)),
+        attacks=runs,
+        norm=req.norm,
+        precision=req.precision,
+        seed=req.seed,
+        checks=req.checks,
+    )
+
+
+@router.post(
+    "/audits",
+    status_code=202,
+    response_model=AuditCreated,
+    responses=error_responses(401, 404, 409, 413, 422),
+    summary="Start a robustness audit",
+)
+async def create_audit(req: AuditRequest, request: Request) -> Response:
+    settings = settings_of(request)
+    served = registry(request).get(req.model)
+    assert served.card is not None and served.engine is not None
+    card = served.card
+    info = dataset_info(card.dataset)
+    train_eps = float(card.train_config.get("adv", {}).get("eps") or info.train_eps)
+    c, h, w = card.input_shape
+    spec = _spec(req, train_eps, c * h * w)
+    manager = audits(request)
+    audit_id = manager.new_id()
+    job: dict[str, Any] = {"id": audit_id, "out_dir": str(manager.out_dir)}
+    if req.data.source == "upload":
+        if not req.data.instances or req.data.labels is None:
+            raise InvalidInput("data.source=upload needs data.instances and data.labels")
+        if len(req.data.instances) != len(req.data.labels):
+            raise InvalidInput(f"{len(req.data.instances)} instances but {len(req.data.labels)} labels")
+        n = len(req.data.labels)
+        if n > settings.audit_max_n:
+            raise LimitExceeded(f"{n} samples; the audit limit is {settings.audit_max_n}")
+        bad = [v for v in req.data.labels if not 0 <= v < len(card.label_names)]
+        if bad:
+            raise InvalidInput(f"labels must lie in [0, {len(card.label_names)}); got {bad[:5]}")
+        names = [f"data.instances[{i}]" for i in range(n)]
+        payload = ImagePayload(
+            [b64decode(inst.b64, nm + ".b64") for inst, nm in zip(req.data.instances, names, strict=True)],
+            names,
+        )
+        x, _ = decode_all(payload, served.engine.spec, settings.max_image_pixels)
+        upload = manager.out_dir / f"{audit_id}.upload.npz"
+        manager.out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(upload, x=x.numpy(), y=np.asarray(req.data.labels, dtype=np.int64))
+        job["upload_path"] = str(upload)
+    else:
+        n = min(req.data.n, settings.audit_max_n)
+        if req.data.n > settings.audit_max_n:
+            raise LimitExceeded(f"data.n = {req.data.n}; the audit limit is {settings.audit_max_n}")
+        if req.data.dataset is not None:
+            other = dataset_info(req.data.dataset) if req.data.dataset else info
+            if other.shape != tuple(card.input_shape):
+                raise InvalidInput(
+                    f"dataset {req.data.dataset} has shape {other.shape}, the model takes "
+                    f"{tuple(card.input_shape)}"
+                )
+    work = spec.work(n) + checks_cost(spec, n)
+    if work > settings.audit_max_work:
+        raise LimitExceeded(
+            f"this audit costs {work:.3g} forward-backward passes (samples x eps levels x attack steps); "
+            f"the limit is {settings.audit_max_work:.3g} (ERC_AUDIT_MAX_WORK): fewer samples, eps levels "
+            "or steps"
+        )
+    request_record = req.model_dump(exclude={"data": {"instances"}})
+    request_record["data"]["n"] = n
+    job.update(
+        model_dir=str(served.path),
+        weights_sha256=card.weights_sha256,
+        device=_device(settings.audit_device),
+        threads=settings.audit_threads or default_threads(),
+        niceness=settings.audit_niceness,
+        data={"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
+        spec={
+            "eps": spec.eps,
+            "attacks": [{"name": a.name, "params": a.params} for a in spec.attacks],
+            "norm": spec.norm,
+            "precision": spec.precision,
+            "seed": spec.seed,
+            "checks": spec.checks,
+        },
+        request=request_record,
+        work=work,
+    )
+    audit = manager.submit(Audit(audit_id, req.model, job))
+    body = audit.summary()
+    return json_response(
+        {k: body[k] for k in ("id", "status", "model", "estimated_work", "links")},
+        status=202,
+        headers={"Location": f"/admin/audits/{audit_id}"},
+    )
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _audit(request: Request, audit_id: str) -> Audit:
+    audit = audits(request).get(audit_id)
+    if audit is None:
+        raise NotFound(f"no audit {audit_id!r}", code="audit_not_found")
+    return audit
+
+
+@router.get("/audits", responses=error_responses(401, 404), summary="Recent audits, newest first")
+async def list_audits(request: Request) -> Response:
+    return json_response({"audits": audits(request).list()})
+
+
+@router.get(
+    "/audits/{audit_id}",
+    responses=error_responses(401, 404),
+    summary="Status, progress, and when done the full result",
+)
+async def get_audit(audit_id: str, request: Request) -> Response:
+    audit = _audit(request, audit_id)
+    body = audit.summary()
+    if audit.status == "done":
+        body["result"] = audit.result()
+    return json_response(body)
+
+
+@router.get(
+    "/audits/{audit_id}/report",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}}, **error_responses(401, 404, 409)},
+    summary="Self-contained HTML report of a finished audit",
+)
+async def audit_report(audit_id: str, request: Request) -> Response:
+    audit = _audit(request, audit_id)
+    if audit.status != "done":
+        raise Conflict(f"audit {audit_id} is {audit.status}; the report exists once it is done")
+    return HTMLResponse(open(audit.paths["html"], encoding="utf-8").read())
+
+
+@router.delete("/audits/{audit_id}", responses=error_responses(401, 404, 409), summary="Cancel an audit")
+async def cancel_audit(audit_id: str, request: Request) -> Response:
+    _audit(request, audit_id)
+    audit = audits(request).cancel(audit_id)
+    assert audit is not None
+    return json_response(audit.summary())
