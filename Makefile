@@ -12,8 +12,8 @@ ERC := $(BIN)/erc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian packages the tests use: Fashion-MNIST (the second dataset on this machine), Prometheus
-# (the native stack test); and those the container tests use (rootful podman, offline builds).
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus
+# (the native stack test), Chromium (renders the audit report); and those the container tests use (rootful podman, offline builds).
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
 DEPLOY_PACKAGES := podman runc debootstrap docker-compose
 PYTEST_ARGS ?=
 
@@ -29,6 +29,8 @@ $(VENV)/.stamp-run: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# torchattacks is the test-time reference for the attacks; --no-deps because it pins an old requests.
+	$(PIP) install --quiet --no-deps -c constraints.txt torchattacks scipy
 	touch $@ $(VENV)/.stamp-run
 
 install: $(VENV)/.stamp-run

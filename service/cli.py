@@ -544,7 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: fgsm, pgd:steps=40, apgd:steps=100)",
     )
     au.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    au.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA only)")
+    au.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16 autocast, checked against fp32 on a subset (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     au.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
     au.add_argument("--batch-size", type=int, default=256)

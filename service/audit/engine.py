@@ -9,6 +9,7 @@ Eps levels are stacked into large batches with a per-sample eps (the attacks tak
 
 from __future__ import annotations
 
+import copy
 import inspect
 import platform
 import threading
@@ -31,7 +32,7 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "pgd": {"steps": 40, "restarts": 1},
     "apgd": {"steps": 100, "restarts": 1},
     "square": {"queries": 1000},
-    "cw": {"steps": 100, "binary_steps": 5},
+    "cw": {"steps": 100, "binary_steps": 5, "lr": 0.1},
 }
 
 
@@ -113,7 +114,7 @@ class AuditSpec:
     eps: list[float]
     attacks: list[AttackRun]
     norm: str = "linf"
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; CUDA only, checked against fp32)
+    precision: str = "auto"  # "fp32", "bf16" (autocast, checked against fp32), "auto": bf16 on CUDA only
     seed: int = 0
     checks: bool = True
     batch_size: int = 256
@@ -209,20 +210,21 @@ class Engine:
         cancel: threading.Event | None = None,
         progress: Progress | None = None,
     ) -> None:
-        self.model = model.to(device).eval()
+        # The attacks run on a channels-last copy (NHWC convolutions: about 1.2x faster forward and
+        # backward on CPU here, faster on GPU too); the caller's model is not touched.
+        model = copy.deepcopy(model).to(device).eval()
+        self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.spec = spec
         self.device = device
         self.cancel = cancel or threading.Event()
         self.step = get_step(spec.norm)
         self.progress = progress
-        if spec.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {spec.precision!r}")
-        self.bf16 = spec.precision == "bf16" and device.type == "cuda"
+        if spec.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {spec.precision!r}")
+        self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
 
-    def _autocast(self) -> Any:
-        if self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+    def _autocast(self, bf16: bool) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -251,15 +253,11 @@ class Engine:
         if "generator" in inspect.signature(attack.fn).parameters:
             kwargs["generator"] = gen
         use_bf16 = self.bf16 if bf16 is None else bf16
-        ctx = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if use_bf16
-            else torch.autocast(self.device.type, enabled=False)
-        )
         for s in _batches(len(xs), self.spec.batch_size):
             self._check_cancel()
-            xb, yb, eb = xs[s].to(self.device), ys[s].to(self.device), es[s].to(self.device)
-            with ctx:
+            xb = xs[s].to(self.device).contiguous(memory_format=torch.channels_last)
+            yb, eb = ys[s].to(self.device), es[s].to(self.device)
+            with self._autocast(use_bf16):
                 out[s] = attack.fn(self.model, xb, yb, eps=eb, **kwargs).float().cpu()
             if self.progress is not None:
                 self.progress.add((s.stop - s.start) * attack.cost, f"{attack.label}")

@@ -55,7 +55,12 @@ class Audit:
             "estimated_work": self.job["work"],
         }
         if self.status in ("running", "cancelling"):
-            out["progress"] = self.progress
+            out["progress"] = self.progress or {
+                "fraction": 0.0,
+                "elapsed_s": round(time.time() - (self.started or time.time()), 1),
+                "remaining_s": None,
+                "stage": "starting the audit process",
+            }
         elif self.status == "done":
             out["progress"] = {
                 "fraction": 1.0,

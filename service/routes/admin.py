@@ -75,7 +75,10 @@ class AuditRequest(BaseModel):
         None, description="default: 0, half and all of the training eps", min_length=1, max_length=32
     )
     norm: Literal["linf", "l2"] = "linf"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16 autocast (checked against fp32 on a subset); auto: bf16 on CUDA, fp32 on CPU",
+    )
     seed: int = 0
     checks: bool = True
 

@@ -11,10 +11,19 @@ from typing import Any
 
 import torch
 
+from training.attacks.apgd import apgd, apgd_checkpoints, dlr_loss
+from training.attacks.cw import cw_l2, rms_to_l2
 from training.attacks.pgd import fgsm, margin_loss, pgd
+from training.attacks.square import square_linf
 from training.attacks.steps import L2Step, LinfStep, get_step, per_sample
 
-ATTACKS: dict[str, Callable[..., torch.Tensor]] = {"pgd": pgd, "fgsm": fgsm}
+ATTACKS: dict[str, Callable[..., torch.Tensor]] = {
+    "pgd": pgd,
+    "fgsm": fgsm,
+    "apgd": apgd,
+    "cw": cw_l2,
+    "square": square_linf,
+}
 
 
 def get_attack(name: str) -> Callable[..., Any]:
@@ -28,10 +37,16 @@ __all__ = [
     "ATTACKS",
     "L2Step",
     "LinfStep",
+    "apgd",
+    "apgd_checkpoints",
+    "cw_l2",
+    "dlr_loss",
     "fgsm",
     "get_attack",
     "get_step",
     "margin_loss",
     "per_sample",
     "pgd",
+    "rms_to_l2",
+    "square_linf",
 ]

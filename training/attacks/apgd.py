@@ -9,12 +9,24 @@ Ratio (APGD-DLR), which is invariant to shifting and rescaling the logits.
 The function follows the attack contract of :mod:`training.attacks.pgd` (ball and box, mode and
 parameters untouched, per-sample ``eps``, ``generator`` for every random draw, losses in float32
 under a caller's autocast, "keep best" over iterates and restarts).
+
+Where this differs from the letter of Algorithm 1, and why:
+
+- The checkpoint test runs right after ``f(x^(w_j))`` is known, so condition 1 counts exactly the
+  ``w_j - w_{j-1}`` loss comparisons of its window; on a restart ``x^(w_j)`` becomes ``x_max`` and
+  the gradient stored with ``x_max`` is reused (no extra pass). The paper's loop tests at ``k = w_j``
+  after ``x^(w_j + 1)`` was formed, one iterate later.
+- Condition 2 at the first checkpoint compares with ``f(x^(0))`` and "no halving at w_0", as the
+  formula reads for ``w_0 = 0``.
+- ``steps`` counts gradient evaluations; the last iterate gets one forward pass more.
+- Restarts beyond the first only attack samples that no earlier run fooled (AutoAttack's practice).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -95,11 +107,13 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class _RunResult:
+class _RunResult(NamedTuple):
     """One APGD run over a sub-batch: the paper's output (x_max, f_max) plus the first fooling point."""
 
-    def __init__(self, x_max: torch.Tensor, f_max: torch.Tensor, x_fool: torch.Tensor, fooled: torch.Tensor):
-        self.x_max, self.f_max, self.x_fool, self.fooled = x_max, f_max, x_fool, fooled
+    x_max: torch.Tensor  # [n, C, H, W] highest-loss iterate
+    f_max: torch.Tensor  # [n] its loss
+    x_fool: torch.Tensor  # [n, C, H, W] first misclassified iterate (meaningful where fooled)
+    fooled: torch.Tensor  # [n] bool
 
 
 def _run(

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Audit benchmark, side by side in one run on one model and one machine:
+
+1. attack throughput (image-steps per second) of PGD: torchattacks' ``PGD`` against our audit
+   engine (eps levels stacked into batches with a per-sample eps, channels-last, fp32, and bf16
+   autocast), on the same model, eps grid, steps and samples; the robust accuracies each finds;
+2. prediction latency of the HTTP service with and without an audit running in the background
+   (the audit runs in its niced child process), wrk at N clients.
+
+The last output line is JSON with every figure.
+
+    python bench/audit.py                     # ~3 minutes on 2 CPU cores
+    python bench/audit.py --skip-serving --n 256 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    REPO,
+    bench_model,
+    log,
+    machine,
+    mnist_pngs,
+    run_wrk,
+    start_erc,
+    wrk_available,
+)
+
+from service.audit.engine import AttackRun, AuditSpec, Engine
+from training.card import load_model
+from training.data import load_split
+
+
+def torchattacks_pgd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_levels: list[float],
+    steps: int,
+    batch: int,
+    device: torch.device,
+) -> tuple[float, dict[float, float]]:
+    import torchattacks
+
+    acc = {}
+    t0 = time.perf_counter()
+    for e in eps_levels:
+        atk = torchattacks.PGD(model, eps=e, alpha=2.5 * e / steps, steps=steps, random_start=True)
+        correct = 0
+        for s in range(0, len(x), batch):
+            xb, yb = x[s : s + batch].to(device), y[s : s + batch].to(device)
+            adv = atk(xb, yb)
+            with torch.no_grad():
+                correct += int((model(adv).argmax(1) == yb).sum())
+        acc[e] = correct / len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, acc
+
+
+def ours_pgd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_levels: list[float],
+    steps: int,
+    batch: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[float, dict[float, float]]:
+    spec = AuditSpec(
+        eps=eps_levels,
+        attacks=[AttackRun("pgd", {"steps": steps})],
+        precision=precision,
+        batch_size=batch,
+        checks=False,
+    )
+    engine = Engine(model, spec, device=device)
+    t0 = time.perf_counter()
+    adv = engine.attack_stacked(spec.attacks[0], x, y, eps_levels, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    acc = {}
+    with torch.no_grad():
+        for i, e in enumerate(eps_levels):
+            pred = torch.cat(
+                [
+                    engine.model(adv[i][s : s + batch].to(device)).argmax(1).cpu()
+                    for s in range(0, len(x), batch)
+                ]
+            )
+            acc[e] = float((pred == y).float().mean())
+    return seconds, acc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=str(REPO / "model_store"))
+    ap.add_argument("--model", default="mnist-er")
+    ap.add_argument("--n", type=int, default=256, help="samples")
+    ap.add_argument("--eps", default="0.1,0.2,0.3")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--clients", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    store, desc = bench_model(Path(args.store), args.model)
+    model, card = load_model(store / args.model, device)
+    data = load_split(card.dataset, "test", n=args.n, seed=0)
+    x, y = data.as_float(), data.labels
+    eps = [float(e) for e in args.eps.split(",")]
+    work = len(x) * len(eps) * args.steps
+    result: dict = {"machine": machine(), "device": str(device), "model": desc, "settings": vars(args)}
+    log(f"model: {desc}; {len(x)} samples x {len(eps)} eps x PGD-{args.steps} on {device}")
+
+    # Warm-up of every path (allocator, oneDNN kernels), then the measured runs.
+    torchattacks_pgd(model, x[:32], y[:32], eps[:1], 2, args.batch, device)
+    ours_pgd(model, x[:32], y[:32], eps[:1], 2, args.batch, device, "fp32")
+    ours_pgd(model, x[:32], y[:32], eps[:1], 2, args.batch, device, "bf16")
+    rows = {}
+    t, acc = torchattacks_pgd(model, x, y, eps, args.steps, args.batch, device)
+    rows["torchattacks_fp32"] = {"seconds": round(t, 2), "image_steps_per_s": round(work / t), "robust": acc}
+    for precision in ("fp32", "bf16"):
+        t, acc = ours_pgd(model, x, y, eps, args.steps, args.batch, device, precision)
+        rows[f"ours_{precision}"] = {
+            "seconds": round(t, 2),
+            "image_steps_per_s": round(work / t),
+            "robust": acc,
+        }
+    for k, r in rows.items():
+        log(f"  {k:18} {r['image_steps_per_s']:>8} image-steps/s  robust {json.dumps(r['robust'])}")
+    base = rows["torchattacks_fp32"]["image_steps_per_s"]
+    result["attack_throughput"] = rows
+    result["ratios"] = {
+        "ours_fp32_vs_torchattacks": round(rows["ours_fp32"]["image_steps_per_s"] / base, 3),
+        "ours_bf16_vs_torchattacks": round(rows["ours_bf16"]["image_steps_per_s"] / base, 3),
+        "bf16_vs_fp32_max_robust_gap_points": round(
+            100 * max(abs(rows["ours_bf16"]["robust"][e] - rows["ours_fp32"]["robust"][e]) for e in eps), 2
+        ),
+        "ours_fp32_vs_torchattacks_max_robust_gap_points": round(
+            100
+            * max(abs(rows["ours_fp32"]["robust"][e] - rows["torchattacks_fp32"]["robust"][e]) for e in eps),
+            2,
+        ),
+    }
+
+    if not args.skip_serving:
+        if not wrk_available():
+            log("wrk is needed for the serving part: apt-get install wrk")
+            return 2
+        pngs, _ = mnist_pngs(64)
+        token = "bench-token"
+        workdir = Path(tempfile.mkdtemp(prefix="erc-bench-audit-"))
+        srv = start_erc(
+            store,
+            {
+                "ERC_ADMIN_TOKEN": token,
+                "ERC_MODELS": args.model,
+                "ERC_DEFAULT_MODEL": args.model,
+                "ERC_AUDIT_DIR": str(workdir / "audits"),
+                "ERC_AUDIT_MAX_WORK": "1e9",
+                "ERC_TORCH_THREADS": str(args.threads),
+            },
+            workdir,
+        )
+        path = f"/v1/models/{args.model}:predict"
+        try:
+            run_wrk(srv.url, path, pngs, args.clients, 3)
+            quiet = run_wrk(srv.url, path, pngs, args.clients, args.seconds)
+            headers = {"Authorization": f"Bearer {token}"}
+            audit = {
+                "model": args.model,
+                "data": {"n": 1000},
+                "eps": [0.1, 0.2, 0.3],
+                "attacks": [{"name": "pgd", "params": {"steps": 100}}],
+                "checks": False,
+            }
+            with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as c:
+                audit_id = c.post("/admin/audits", json=audit).json()["id"]
+                while c.get(f"/admin/audits/{audit_id}").json()["status"] != "running":
+                    time.sleep(0.2)
+                time.sleep(3)  # the audit process is up and attacking
+                busy = run_wrk(srv.url, path, pngs, args.clients, args.seconds)
+                status = c.get(f"/admin/audits/{audit_id}").json()
+                c.delete(f"/admin/audits/{audit_id}")
+        finally:
+            srv.stop()
+        result["serving_during_audit"] = {
+            "quiet": {k: getattr(quiet, k) for k in ("rps", "p50_ms", "p99_ms", "errors")},
+            "audit_running": {k: getattr(busy, k) for k in ("rps", "p50_ms", "p99_ms", "errors")},
+            "audit_progress_at_end": status.get("progress"),
+        }
+        log(
+            f"  serving, quiet: {quiet.rps} req/s p50 {quiet.p50_ms} p99 {quiet.p99_ms} ms | "
+            f"during an audit: {busy.rps} req/s p50 {busy.p50_ms} p99 {busy.p99_ms} ms"
+        )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

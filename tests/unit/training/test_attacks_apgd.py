@@ -1,0 +1,219 @@
+"""APGD (Croce & Hein, 2020): the paper's checkpoint schedule, the attack contract (ball, box, per-sample
+eps, seeds, mode and parameters untouched, autocast), the DLR loss, and strength against PGD and
+FGSM on undefended models."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from training.attacks import ATTACKS, apgd, apgd_checkpoints, dlr_loss, fgsm, get_step, pgd
+from training.data import load_split
+
+
+def _tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+def _separable(n: int = 60) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Three classes told apart by a bright row, and a linear model that fits them exactly."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x = torch.rand(n, 1, 6, 6, generator=gen) * 0.3
+    for i, label in enumerate(y):
+        x[i, 0, 2 * label, :] += 0.6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return x, y, model.eval()
+
+
+def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def test_registered() -> None:
+    assert ATTACKS["apgd"] is apgd
+
+
+def test_checkpoints_follow_the_paper() -> None:
+    assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    # The formula in exact arithmetic: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
+    for steps in (10, 37, 250, 1000):
+        p = [Fraction(0), Fraction(22, 100)]
+        while p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)) < 1:
+            p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
+        expected = sorted({math.ceil(q * steps) for q in p} - {steps})
+        assert apgd_checkpoints(steps) == expected
+    assert apgd_checkpoints(1) == [0]
+
+
+def test_dlr_loss_sign_and_invariance() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 1, 2])
+    loss = dlr_loss(logits, y)
+    # Correct with margin 2 over top-3 spread 3; wrong by 3 over spread 5; a tie gives 0.
+    assert torch.allclose(loss, torch.tensor([-2 / 3, 3 / 5, 0.0]), atol=1e-6)
+    assert torch.allclose(dlr_loss(4 * logits - 7, y), loss, atol=1e-6), "DLR ignores shift and scale"
+    with pytest.raises(ValueError, match="3 classes"):
+        dlr_loss(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_stays_in_ball_and_box(norm: str, eps: float, loss: str, restarts: int, batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=12, restarts=restarts, loss=loss)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (get_step(norm).distance(x_adv, x) <= eps + 1e-5).all()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_per_sample_eps(norm: str, batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    eps = torch.linspace(0.0, 0.3, len(x))
+    x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=8)
+    dist = get_step(norm).distance(x_adv, x)
+    assert (dist <= eps + 1e-5).all()
+    assert torch.equal(x_adv[0], x[0]), "eps 0 must leave the image unchanged"
+    with pytest.raises(ValueError, match="shape"):
+        apgd(model, x, y, eps=torch.ones(3), steps=1)
+
+
+def test_reproducible_with_a_generator(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+
+    def run(seed: int) -> torch.Tensor:
+        return apgd(model, x, y, eps=0.1, steps=6, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
+    model = _tiny_cnn()
+    model.train(mode == "train")
+    x, y = batch
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
+    apgd(model, x, y, eps=0.1, steps=5, restarts=2)
+    apgd(model, x, y, eps=0.5, norm="l2", steps=5, loss="dlr")
+    assert all(m.training == (mode == "train") for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_runs_under_a_callers_autocast(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = apgd(model, x, y, eps=0.1, steps=5, loss="dlr")
+    assert x_adv.dtype == torch.float32
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_breaks_an_undefended_model() -> None:
+    x, y, model = _separable()
+    assert _robust(model, x, y) == 1.0
+    robust_apgd = _robust(model, apgd(model, x, y, eps=0.3, steps=20), y)
+    assert robust_apgd <= 0.1
+    assert robust_apgd <= _robust(model, fgsm(model, x, y, eps=0.3), y)
+    assert _robust(model, apgd(model, x, y, eps=0.3, steps=20, loss="dlr"), y) <= 0.1
+    # Small eps leaves most predictions alone: the attack is not just noise that always wins.
+    assert _robust(model, apgd(model, x, y, eps=0.01, steps=20), y) >= 0.9
+
+
+def test_returned_points_that_fool_are_misclassified_and_restarts_never_weaken(batch) -> None:
+    model = _tiny_cnn(3).eval()
+    x, y = batch
+
+    def fooled(restarts: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        x_adv = apgd(model, x, y, eps=0.05, steps=5, restarts=restarts, generator=gen)
+        with torch.no_grad():
+            return model(x_adv).argmax(1) != y
+
+    one, three = fooled(1), fooled(3)
+    assert one.any() and not one.all(), "the setting should fool some samples but not all"
+    assert (three >= one).all(), "restart 1 is shared, so more restarts can only fool more samples"
+
+
+def test_validation(batch) -> None:
+    model = _tiny_cnn().eval()
+    x, y = batch
+    with pytest.raises(ValueError, match="loss"):
+        apgd(model, x, y, eps=0.1, steps=2, loss="margin")
+    with pytest.raises(ValueError, match="steps"):
+        apgd(model, x, y, eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="rho"):
+        apgd(model, x, y, eps=0.1, steps=2, rho=0.0)
+    with pytest.raises(KeyError, match="linf"):
+        apgd(model, x, y, eps=0.1, steps=2, norm="l1")
+
+
+@pytest.fixture(scope="module")
+def mnist_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small CNN trained for a few seconds on 3000 MNIST digits (~95 % clean accuracy), and 200
+    test digits."""
+    train = load_split("mnist", "train", n=3000, seed=0)
+    test = load_split("mnist", "test", n=200, seed=1)
+    x, y = train.as_float(), train.labels
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 5, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        for b in torch.randperm(len(x)).split(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    return model.eval(), test.as_float(), test.labels
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_at_least_as_strong_as_pgd_with_the_same_steps(steps: int, mnist_cnn) -> None:
+    model, x, y = mnist_cnn
+    assert _robust(model, x, y) >= 0.9
+    gen = torch.Generator().manual_seed(0)
+    robust_pgd = _robust(model, pgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
+    gen = torch.Generator().manual_seed(0)
+    robust_apgd = _robust(model, apgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
+    assert robust_pgd < 0.6, "the eps should matter for this model"
+    assert robust_apgd <= robust_pgd + 2 / len(y)
