@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         None, ge=1, description="torch threads of the audit process; default: half"
     )
     audit_niceness: int = Field(10, ge=0, le=19, description="nice value of the audit process (CPU priority)")
+    audit_sched_idle: bool = Field(
+        True,
+        description="run the audit process under SCHED_IDLE (Linux): it gets a CPU only when idle",
+    )
     audit_max_work: float = Field(
         5e6, gt=0, description="largest audit: samples x eps levels x forward-backward passes per sample"
     )

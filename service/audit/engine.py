@@ -198,8 +198,34 @@ class RunState:
     ball_violation: float  # largest excess over eps or outside [0, 1] seen in any example
 
 
+class _Meter:
+    """The model as one batch of an attack sees it. Every forward pass credits the progress (a
+    forward with gradients counts as one forward-backward pass per sample, one without as a third,
+    like ``AttackRun.cost``), capped at the batch's planned work, so that progress moves with every
+    attack step rather than every batch; and every forward pass polls the cancel event."""
+
+    def __init__(self, engine: Engine, budget: float, stage: str) -> None:
+        self.engine, self.left, self.stage = engine, budget, stage
+
+    def _credit(self, work: float) -> None:
+        work = min(work, self.left)
+        self.left -= work
+        if self.engine.progress is not None:
+            self.engine.progress.add(work, self.stage)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.engine._check_cancel()
+        self._credit(len(x) * (1.0 if torch.is_grad_enabled() else 1 / 3))
+        out: torch.Tensor = self.engine.model(x)
+        return out
+
+    def finish(self) -> None:
+        """Credit what the batch planned and did not spend (early stops, cheaper steps)."""
+        self._credit(self.left)
+
+
 class Engine:
-    """Runs one audit on one device. ``cancel`` is polled between batches."""
+    """Runs one audit on one device. ``cancel`` is polled at every forward pass of an attack."""
 
     def __init__(
         self,
@@ -257,10 +283,10 @@ class Engine:
             self._check_cancel()
             xb = xs[s].to(self.device).contiguous(memory_format=torch.channels_last)
             yb, eb = ys[s].to(self.device), es[s].to(self.device)
+            meter = _Meter(self, (s.stop - s.start) * attack.cost, attack.label)
             with self._autocast(use_bf16):
-                out[s] = attack.fn(self.model, xb, yb, eps=eb, **kwargs).float().cpu()
-            if self.progress is not None:
-                self.progress.add((s.stop - s.start) * attack.cost, f"{attack.label}")
+                out[s] = attack.fn(meter, xb, yb, eps=eb, **kwargs).float().cpu()
+            meter.finish()
         return out.view(len(eps_levels), n, *x.shape[1:])
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

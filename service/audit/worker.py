@@ -58,7 +58,10 @@ def load_data(job: dict[str, Any], dataset: str) -> tuple[torch.Tensor, torch.Te
 def main(job: dict[str, Any], conn: Any) -> None:
     """Entry point of the spawned process."""
     try:
+        # Both apply to this thread and to the threads it starts later (torch's pools among them).
         os.nice(int(job.get("niceness", 10)))
+        if job.get("sched_idle") and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         device = torch.device(job["device"])

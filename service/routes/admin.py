@@ -189,6 +189,7 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
         device=_device(settings.audit_device),
         threads=settings.audit_threads or default_threads(),
         niceness=settings.audit_niceness,
+        sched_idle=settings.audit_sched_idle,
         data={"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
         spec={
             "eps": spec.eps,

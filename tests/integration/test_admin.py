@@ -3,6 +3,7 @@ headless Chromium, cancel, queueing, metrics, and prediction traffic during an a
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 TOKEN = "test-admin-token-0123456789"
@@ -235,8 +237,21 @@ def test_cancel_queue_and_prediction_traffic_during_an_audit(admin_server, mnist
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(predict, range(64)))
         assert codes == [200] * 64
-        progress = c.get(f"/admin/audits/{running['id']}", headers=AUTH).json()["progress"]
-        assert 0 <= progress["fraction"] < 1 and progress["elapsed_s"] > 0
+        # Progress moves within the first batch (every attack step is metered) ...
+        deadline = time.time() + 60
+        while (progress := c.get(f"/admin/audits/{running['id']}", headers=AUTH).json()["progress"])[
+            "fraction"
+        ] == 0:
+            assert time.time() < deadline, progress
+            time.sleep(0.3)
+        assert 0 < progress["fraction"] < 1 and progress["elapsed_s"] > 0
+        assert progress["stage"] == "PGD-200" and progress["remaining_s"] > 0
+        # ... and the audit process runs under SCHED_IDLE at nice 10 (the defaults).
+        children = psutil.Process(admin_server.proc.pid).children(recursive=True)
+        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        assert workers, [p.cmdline() for p in children]
+        assert all(p.nice() == 10 for p in workers)
+        assert all(os.sched_getscheduler(p.pid) == os.SCHED_IDLE for p in workers)
 
         r = c.delete(f"/admin/audits/{second.json()['id']}", headers=AUTH)
         assert r.json()["status"] == "cancelled"

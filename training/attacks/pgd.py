@@ -51,6 +51,7 @@ def pgd(
     random_start: bool = True,
     loss: str = "ce",
     keep_best: bool = True,
+    early_stop: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Untargeted PGD in the ``norm`` ball of radius ``eps`` around ``x``.
@@ -70,6 +71,8 @@ def pgd(
         keep_best: return, per sample, the first iterate that was misclassified (a stronger
             evaluation); ``False`` returns each restart's last iterate, as the original PGD and
             torchattacks do.
+        early_stop: with ``keep_best``, stop attacking a sample once it is fooled (its result
+            is decided; AutoAttack does the same): identical outcome, less work on weak models.
         generator: RNG for the random starts (reproducible attacks).
 
     Returns:
@@ -85,30 +88,48 @@ def pgd(
 
     best = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    every = torch.arange(x.shape[0], device=x.device)
 
-    def record(candidate: torch.Tensor, logits: torch.Tensor, force: bool = False) -> None:
-        """Keep ``candidate`` for samples it fools that nothing fooled before (or all if ``force``)."""
-        hit = (logits.argmax(dim=1) != y) & ~fooled
-        take = hit | (~fooled if force else torch.zeros_like(hit))
-        best[take] = candidate[take]
-        fooled.logical_or_(hit)
+    def record(rows: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Keep ``candidate`` for the samples ``rows`` it fools that nothing fooled before; returns
+        the mask (over ``rows``) of those it fools."""
+        hit = logits.argmax(dim=1) != y[rows]
+        new = hit & ~fooled[rows]
+        best[rows[new]] = candidate[new]
+        fooled[rows[hit]] = True
+        return hit
 
+    prune = keep_best and early_stop
     for r in range(restarts):
-        x_adv = step.random_start(x, eps_t, generator) if random_start else x.clone()
+        # With keep_best, a sample fooled once is decided: later steps and restarts skip it.
+        rows = (~fooled).nonzero().squeeze(1) if prune else every
+        if len(rows) == 0:
+            break
+        x0, y0, e0, a0 = x[rows], y[rows], eps_t[rows], alpha_t[rows]
+        x_adv = step.random_start(x0, e0, generator) if random_start else x0.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             logits = model(x_adv)
-            (grad,) = torch.autograd.grad(_loss(loss, logits, y), x_adv)
+            (grad,) = torch.autograd.grad(_loss(loss, logits, y0), x_adv)
             with torch.no_grad():
+                x_adv = x_adv.detach()
                 if keep_best:
-                    record(x_adv.detach(), logits)
-                x_adv = step.project(step.step(x_adv.detach(), grad, alpha_t), x, eps_t)
+                    hit = record(rows, x_adv, logits)
+                    if prune and bool(hit.any()):
+                        keep = ~hit
+                        rows, x0, y0, e0, a0 = rows[keep], x0[keep], y0[keep], e0[keep], a0[keep]
+                        x_adv, grad = x_adv[keep], grad[keep]
+                        if len(rows) == 0:
+                            break
+                x_adv = step.project(step.step(x_adv, grad, a0), x0, e0)
+        if len(rows) == 0:
+            continue
         with torch.no_grad():
-            # Without keep_best, the last restart's final iterate stands for samples never fooled.
-            record(x_adv, model(x_adv), force=not keep_best and r == restarts - 1)
-            if keep_best and r == restarts - 1:
-                # Never fooled: return the final iterate (a valid point of the ball) rather than x.
-                best[~fooled] = x_adv[~fooled]
+            record(rows, x_adv, model(x_adv))
+            if r == restarts - 1:
+                # Never fooled: the last restart's final iterate (a valid point of the ball) stands.
+                never = ~fooled[rows]
+                best[rows[never]] = x_adv[never]
     return best.detach()
 
 

@@ -120,6 +120,46 @@ def test_restarts_and_keep_best_never_weaken_the_attack(batch) -> None:
     assert (many <= best).all(), "restart 1 is shared, so more restarts can only fool more samples"
 
 
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_early_stop_saves_work_and_changes_no_verdict(restarts: int, batch) -> None:
+    model = _tiny_cnn(3).eval()
+    x, y = batch
+    rows_seen = []
+
+    def counting(inp: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(len(inp))
+        return model(inp)
+
+    def attack(early_stop: bool) -> tuple[torch.Tensor, int]:
+        rows_seen.clear()
+        x_adv = pgd(
+            counting,
+            x,
+            y,
+            eps=0.05,
+            steps=10,
+            restarts=restarts,
+            early_stop=early_stop,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return x_adv, sum(rows_seen)
+
+    full, work_full = attack(False)
+    pruned, work_pruned = attack(True)
+    fooled_full = model(full).argmax(1) != y
+    fooled_pruned = model(pruned).argmax(1) != y
+    assert 0 < int(fooled_full.sum()) < len(y), "the test needs some fooled and some robust samples"
+    assert work_pruned < work_full
+    assert (get_step("linf").distance(pruned, x) <= 0.05 + 1e-6).all()
+    if restarts == 1:
+        # Same random start, same steps: the same samples fall, at the same iterate.
+        assert torch.equal(fooled_full, fooled_pruned)
+        torch.testing.assert_close(pruned[fooled_full], full[fooled_full])
+    else:
+        # Later restarts start from other random points (drawn for the survivors only).
+        assert (fooled_pruned | ~fooled_full).float().mean() >= 0.9
+
+
 def test_margin_loss_sign() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
     y = torch.tensor([0, 1])

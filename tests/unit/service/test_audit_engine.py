@@ -1,0 +1,159 @@
+"""The audit engine and its sanity checks on models whose robustness is known in closed form.
+
+A linear classifier of the mean brightness ("bright" vs "dark" 4x4 images) has an exact l_inf
+robust accuracy: a sample survives every attack at eps exactly when the distance of its mean to
+0.5 exceeds eps. The same model behind a rounding of its input masks every gradient: gradient
+attacks find nothing, and the sanity checks must say so.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from service.audit.engine import AttackRun, AuditCancelled, AuditSpec, Engine, Progress
+from service.audit.runner import checks_cost, run_audit
+
+N = 96
+
+
+class Brightness(nn.Module):
+    """Class 0 when the mean pixel is above 0.5, class 1 below; the logit gap is linear in it."""
+
+    def __init__(self, mask_gradients: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 2)
+        self.mask_gradients = mask_gradients
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.stack([torch.ones(16), -torch.ones(16)]))
+            self.linear.bias.copy_(torch.tensor([-8.0, 8.0]))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The "embedding" of the report's 2-D view: the pixels."""
+        if self.mask_gradients:
+            x = torch.round(x * 8) / 8  # zero gradient almost everywhere, same predictions nearby
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.forward_features(x))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat images whose mean is 0.5 +- margin; margins spread over (0.02, 0.4)."""
+    g = torch.Generator().manual_seed(0)
+    margin = 0.02 + 0.38 * torch.rand(N, generator=g)
+    y = torch.randint(0, 2, (N,), generator=g)
+    mean = torch.where(y == 0, 0.5 + margin, 0.5 - margin)
+    x = mean.view(N, 1, 1, 1).expand(N, 1, 4, 4).clone()
+    return x, y, margin
+
+
+def _model_info() -> dict:
+    return {"name": "brightness"}
+
+
+def test_robust_accuracy_matches_the_closed_form() -> None:
+    x, y, margin = _data()
+    eps = [0.0, 0.1, 0.2, 0.3]
+    spec = AuditSpec(eps=eps, attacks=[AttackRun("fgsm"), AttackRun("pgd", {"steps": 10})], batch_size=64)
+    result = run_audit(
+        Brightness(), x, y, spec, device=torch.device("cpu"), model_info=_model_info(), data_info={}
+    )
+    assert result["clean"]["accuracy"] == 1.0
+    for row in result["per_eps"]:
+        expected = float((margin > row["eps"]).float().mean())
+        # The bound is tight for a linear model; float error may flip a sample on the boundary.
+        assert row["union"]["accuracy"] == pytest.approx(expected, abs=1.5 / N), row
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["zero_gradients"]["status"] == "pass"
+    assert checks["eps_zero_is_clean"]["status"] == "pass"
+    assert checks["inside_ball_and_box"]["status"] == "pass"
+    assert checks["large_eps_breaks_everything"]["status"] == "pass"
+
+
+def test_masked_gradients_are_flagged() -> None:
+    x, y, _ = _data()
+    spec = AuditSpec(
+        eps=[0.0, 0.3],
+        attacks=[AttackRun("pgd", {"steps": 10}), AttackRun("square", {"queries": 200})],
+        batch_size=64,
+    )
+    result = run_audit(
+        Brightness(mask_gradients=True),
+        x,
+        y,
+        spec,
+        device=torch.device("cpu"),
+        model_info=_model_info(),
+        data_info={},
+    )
+    row = next(r for r in result["per_eps"] if r["eps"] == 0.3)
+    pgd = next(v for k, v in row["attacks"].items() if k.startswith("PGD"))
+    square = next(v for k, v in row["attacks"].items() if k.startswith("Square"))
+    # PGD is blind here; the black-box attack sees the true (breakable) decision rule.
+    assert pgd["accuracy"] > square["accuracy"] + 0.3
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["zero_gradients"]["status"] != "pass"
+    assert checks["black_box_not_stronger"]["status"] != "pass"
+    assert "gradient attacks are blind" in checks["zero_gradients"]["message"]
+    assert "masking" in checks["black_box_not_stronger"]["message"]
+
+
+def test_progress_moves_within_a_batch_and_ends_at_the_plan() -> None:
+    x, y, _ = _data()
+    spec = AuditSpec(eps=[0.1, 0.2], attacks=[AttackRun("pgd", {"steps": 20})], batch_size=256, checks=False)
+    progress = Progress(total=spec.work(N))
+    seen: list[float] = []
+
+    class Watched(Brightness):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(progress.snapshot()["fraction"])
+            return super().forward(x)
+
+    engine = Engine(Watched(), spec, device=torch.device("cpu"), progress=progress)
+    engine.run(x, y)
+    during = [f for f in seen if 0 < f < 1]
+    # One batch holds every (sample, eps) pair; progress still advanced step by step inside it.
+    assert len(set(during)) >= 15
+    assert during == sorted(during)
+    assert progress.snapshot()["fraction"] == 1.0
+    assert progress.snapshot()["stage"] == "PGD-20"
+
+
+def test_cancel_interrupts_a_running_batch() -> None:
+    x, y, _ = _data()
+    spec = AuditSpec(eps=[0.3], attacks=[AttackRun("pgd", {"steps": 1000})], batch_size=256, checks=False)
+    cancel = threading.Event()
+    calls = 0
+
+    class Cancelling(Brightness):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 5:
+                cancel.set()
+            return super().forward(x)
+
+    engine = Engine(Cancelling(), spec, device=torch.device("cpu"), cancel=cancel)
+    with pytest.raises(AuditCancelled):
+        engine.run(x, y)
+    assert calls < 10
+
+
+def test_the_served_model_is_left_alone() -> None:
+    model = Brightness().train()
+    x, y, _ = _data()
+    spec = AuditSpec(eps=[0.1], attacks=[AttackRun("pgd", {"steps": 3})], checks=False)
+    Engine(model, spec, device=torch.device("cpu")).run(x, y)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert next(model.parameters()).is_contiguous()
+
+
+def test_checks_cost_is_part_of_the_plan() -> None:
+    spec = AuditSpec(eps=[0.0, 0.1], attacks=[AttackRun("pgd", {"steps": 10})])
+    assert checks_cost(spec, 1000) > 0
+    assert checks_cost(AuditSpec(eps=[0.1], attacks=spec.attacks, checks=False), 1000) == 0
