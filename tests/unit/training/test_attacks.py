@@ -10,28 +10,10 @@ from torch import nn
 from training.attacks import fgsm, get_step, margin_loss, pgd
 
 
-def _tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 @pytest.mark.parametrize("restarts", [1, 3])
-def test_pgd_stays_in_ball_and_box(norm: str, eps: float, restarts: int, batch) -> None:
-    model = _tiny_cnn().eval()
+def test_pgd_stays_in_ball_and_box(tiny_cnn, norm: str, eps: float, restarts: int, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     x_adv = pgd(model, x, y, eps=eps, steps=7, norm=norm, restarts=restarts)
     assert x_adv.shape == x.shape
@@ -40,8 +22,8 @@ def test_pgd_stays_in_ball_and_box(norm: str, eps: float, restarts: int, batch) 
     assert (dist <= eps + 1e-5).all()
 
 
-def test_per_sample_eps(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_per_sample_eps(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     eps = torch.linspace(0.0, 0.2, len(x))
     x_adv = pgd(model, x, y, eps=eps, steps=5)
@@ -51,8 +33,8 @@ def test_per_sample_eps(batch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_pgd_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
-    model = _tiny_cnn()
+def test_pgd_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+    model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
     before = {
@@ -66,8 +48,8 @@ def test_pgd_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_pgd_is_reproducible_with_a_generator(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_pgd_is_reproducible_with_a_generator(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     a = pgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(5))
     b = pgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(5))
@@ -105,8 +87,8 @@ def test_attacks_break_an_undefended_model() -> None:
     assert (model(pgd(model, x, y, eps=0.01, steps=20)).argmax(1) == y).float().mean() >= 0.9
 
 
-def test_restarts_and_keep_best_never_weaken_the_attack(batch) -> None:
-    model = _tiny_cnn(3).eval()
+def test_restarts_and_keep_best_never_weaken_the_attack(tiny_cnn, batch) -> None:
+    model = tiny_cnn(3).eval()
     x, y = batch
 
     def robust(**kw) -> torch.Tensor:
@@ -121,8 +103,8 @@ def test_restarts_and_keep_best_never_weaken_the_attack(batch) -> None:
 
 
 @pytest.mark.parametrize("restarts", [1, 3])
-def test_early_stop_saves_work_and_changes_no_verdict(restarts: int, batch) -> None:
-    model = _tiny_cnn(3).eval()
+def test_early_stop_saves_work_and_changes_no_verdict(tiny_cnn, restarts: int, batch) -> None:
+    model = tiny_cnn(3).eval()
     x, y = batch
     rows_seen = []
 
@@ -166,8 +148,8 @@ def test_margin_loss_sign() -> None:
     assert torch.allclose(margin_loss(logits, y), torch.tensor([-2.0, 3.0]))
 
 
-def test_pgd_margin_loss_and_validation(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_pgd_margin_loss_and_validation(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     x_adv = pgd(model, x, y, eps=0.1, steps=3, loss="margin")
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6

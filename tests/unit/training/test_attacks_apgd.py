@@ -9,50 +9,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from torch import nn
 
 from training.attacks import ATTACKS, apgd, apgd_checkpoints, dlr_loss, fgsm, get_step, pgd
-from training.data import load_split
-
-
-def _tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-
-def _separable(n: int = 60) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """Three classes told apart by a bright row, and a linear model that fits them exactly."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    x = torch.rand(n, 1, 6, 6, generator=gen) * 0.3
-    for i, label in enumerate(y):
-        x[i, 0, 2 * label, :] += 0.6
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return x, y, model.eval()
-
-
-def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
 def test_registered() -> None:
@@ -85,8 +43,8 @@ def test_dlr_loss_sign_and_invariance() -> None:
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 @pytest.mark.parametrize("restarts", [1, 2])
-def test_stays_in_ball_and_box(norm: str, eps: float, loss: str, restarts: int, batch) -> None:
-    model = _tiny_cnn().eval()
+def test_stays_in_ball_and_box(tiny_cnn, norm: str, eps: float, loss: str, restarts: int, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=12, restarts=restarts, loss=loss)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
@@ -95,8 +53,8 @@ def test_stays_in_ball_and_box(norm: str, eps: float, loss: str, restarts: int, 
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_per_sample_eps(norm: str, batch) -> None:
-    model = _tiny_cnn().eval()
+def test_per_sample_eps(tiny_cnn, norm: str, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     eps = torch.linspace(0.0, 0.3, len(x))
     x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=8)
@@ -107,8 +65,8 @@ def test_per_sample_eps(norm: str, batch) -> None:
         apgd(model, x, y, eps=torch.ones(3), steps=1)
 
 
-def test_reproducible_with_a_generator(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_reproducible_with_a_generator(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
 
     def run(seed: int) -> torch.Tensor:
@@ -119,8 +77,8 @@ def test_reproducible_with_a_generator(batch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
-    model = _tiny_cnn()
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+    model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
     before = {
@@ -134,8 +92,8 @@ def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_runs_under_a_callers_autocast(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_runs_under_a_callers_autocast(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = apgd(model, x, y, eps=0.1, steps=5, loss="dlr")
@@ -143,19 +101,19 @@ def test_runs_under_a_callers_autocast(batch) -> None:
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
-def test_breaks_an_undefended_model() -> None:
-    x, y, model = _separable()
-    assert _robust(model, x, y) == 1.0
-    robust_apgd = _robust(model, apgd(model, x, y, eps=0.3, steps=20), y)
+def test_breaks_an_undefended_model(separable, robust) -> None:
+    x, y, model = separable()
+    assert robust(model, x, y) == 1.0
+    robust_apgd = robust(model, apgd(model, x, y, eps=0.3, steps=20), y)
     assert robust_apgd <= 0.1
-    assert robust_apgd <= _robust(model, fgsm(model, x, y, eps=0.3), y)
-    assert _robust(model, apgd(model, x, y, eps=0.3, steps=20, loss="dlr"), y) <= 0.1
+    assert robust_apgd <= robust(model, fgsm(model, x, y, eps=0.3), y)
+    assert robust(model, apgd(model, x, y, eps=0.3, steps=20, loss="dlr"), y) <= 0.1
     # Small eps leaves most predictions alone: the attack is not just noise that always wins.
-    assert _robust(model, apgd(model, x, y, eps=0.01, steps=20), y) >= 0.9
+    assert robust(model, apgd(model, x, y, eps=0.01, steps=20), y) >= 0.9
 
 
-def test_returned_points_that_fool_are_misclassified_and_restarts_never_weaken(batch) -> None:
-    model = _tiny_cnn(3).eval()
+def test_returned_points_that_fool_are_misclassified_and_restarts_never_weaken(tiny_cnn, batch) -> None:
+    model = tiny_cnn(3).eval()
     x, y = batch
 
     def fooled(restarts: int) -> torch.Tensor:
@@ -169,8 +127,8 @@ def test_returned_points_that_fool_are_misclassified_and_restarts_never_weaken(b
     assert (three >= one).all(), "restart 1 is shared, so more restarts can only fool more samples"
 
 
-def test_validation(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_validation(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with pytest.raises(ValueError, match="loss"):
         apgd(model, x, y, eps=0.1, steps=2, loss="margin")
@@ -182,38 +140,13 @@ def test_validation(batch) -> None:
         apgd(model, x, y, eps=0.1, steps=2, norm="l1")
 
 
-@pytest.fixture(scope="module")
-def mnist_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small CNN trained for a few seconds on 3000 MNIST digits (~95 % clean accuracy), and 200
-    test digits."""
-    train = load_split("mnist", "train", n=3000, seed=0)
-    test = load_split("mnist", "test", n=200, seed=1)
-    x, y = train.as_float(), train.labels
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 5, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 5, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        for b in torch.randperm(len(x)).split(100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    return model.eval(), test.as_float(), test.labels
-
-
 @pytest.mark.parametrize("steps", [10, 25])
-def test_at_least_as_strong_as_pgd_with_the_same_steps(steps: int, mnist_cnn) -> None:
+def test_at_least_as_strong_as_pgd_with_the_same_steps(robust, steps: int, mnist_cnn) -> None:
     model, x, y = mnist_cnn
-    assert _robust(model, x, y) >= 0.9
+    assert robust(model, x, y) >= 0.9
     gen = torch.Generator().manual_seed(0)
-    robust_pgd = _robust(model, pgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
+    robust_pgd = robust(model, pgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
     gen = torch.Generator().manual_seed(0)
-    robust_apgd = _robust(model, apgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
+    robust_apgd = robust(model, apgd(model, x, y, eps=0.1, steps=steps, generator=gen), y)
     assert robust_pgd < 0.6, "the eps should matter for this model"
     assert robust_apgd <= robust_pgd + 2 / len(y)

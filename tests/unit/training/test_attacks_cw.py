@@ -14,24 +14,6 @@ from training.attacks import ATTACKS, cw_l2, fgsm, rms_to_l2
 from training.attacks.pgd import margin_loss
 
 
-def _tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-
 def _two_class_linear() -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.Tensor]:
     """A 2-class linear model on 1x4x4 images, points well inside [0, 1] labelled by the model, and
     each point's exact l_2 distance to the decision boundary, ``|w.x + b| / ||w||`` for the logit
@@ -55,30 +37,8 @@ def _two_class_linear() -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.Te
     return x, y, model.eval(), d_min
 
 
-def _separable(n: int = 60) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """Three classes told apart by a bright row, and a linear model that fits them exactly."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    x = torch.rand(n, 1, 6, 6, generator=gen) * 0.3
-    for i, label in enumerate(y):
-        x[i, 0, 2 * label, :] += 0.6
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return x, y, model.eval()
-
-
 def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).flatten(1).norm(dim=1)
-
-
-def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
 def test_registered() -> None:
@@ -122,19 +82,19 @@ def test_eps_returns_only_examples_within_the_radius() -> None:
         cw_l2(model, x, y, steps=2, binary_steps=1, eps=torch.ones(3))
 
 
-def test_breaks_an_undefended_model_and_beats_fgsm_in_its_l2_ball() -> None:
-    x, y, model = _separable()
-    assert _robust(model, x, y) == 1.0
+def test_breaks_an_undefended_model_and_beats_fgsm_in_its_l2_ball(separable, robust) -> None:
+    x, y, model = separable()
+    assert robust(model, x, y) == 1.0
     # FGSM at l_inf 0.3 stays within l_2 0.3 * sqrt(36) = 1.8: CW at l_2 1.8 must do at least as well.
-    robust_cw = _robust(model, cw_l2(model, x, y, steps=100, binary_steps=5, lr=0.05, eps=1.8), y)
+    robust_cw = robust(model, cw_l2(model, x, y, steps=100, binary_steps=5, lr=0.05, eps=1.8), y)
     assert robust_cw <= 0.1
-    assert robust_cw <= _robust(model, fgsm(model, x, y, eps=0.3), y)
+    assert robust_cw <= robust(model, fgsm(model, x, y, eps=0.3), y)
     # A small radius leaves most predictions alone.
-    assert _robust(model, cw_l2(model, x, y, steps=100, binary_steps=5, lr=0.05, eps=0.05), y) >= 0.9
+    assert robust(model, cw_l2(model, x, y, steps=100, binary_steps=5, lr=0.05, eps=0.05), y) >= 0.9
 
 
-def test_box_unfooled_samples_and_determinism(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_box_unfooled_samples_and_determinism(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     kw = {"c": 1.0, "lr": 0.05, "steps": 20, "binary_steps": 3}
     a = cw_l2(model, x, y, **kw, generator=torch.Generator().manual_seed(0))
@@ -151,8 +111,8 @@ def test_box_unfooled_samples_and_determinism(batch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
-    model = _tiny_cnn()
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+    model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
     before = {
@@ -174,8 +134,8 @@ def test_rms_to_l2() -> None:
     assert math.isclose(rms_to_l2(1.0, torch.zeros(1, 3, 32, 32)), math.sqrt(3072))
 
 
-def test_validation(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_validation(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with pytest.raises(ValueError, match="binary_steps"):
         cw_l2(model, x, y, binary_steps=0)
@@ -183,8 +143,8 @@ def test_validation(batch) -> None:
         cw_l2(model, x, y, steps=1, binary_steps=1, kappa=-1.0)
 
 
-def test_runs_under_a_callers_autocast(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_runs_under_a_callers_autocast(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = cw_l2(model, x, y, c=1.0, lr=0.05, steps=10, binary_steps=2, eps=1.0)

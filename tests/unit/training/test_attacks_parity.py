@@ -11,86 +11,50 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torchattacks
-from torch import nn
 
 from training.attacks import apgd, pgd, square_linf
-from training.data import load_split
 
 EPS = 0.1
 
 
-@pytest.fixture(scope="module")
-def mnist_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A small CNN trained for a few seconds on 3000 MNIST digits (~95 % clean accuracy), and 200
-    test digits."""
-    train = load_split("mnist", "train", n=3000, seed=0)
-    test = load_split("mnist", "test", n=200, seed=1)
-    x, y = train.as_float(), train.labels
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 5, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 5, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        for b in torch.randperm(len(x)).split(100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    model.eval()
-    assert (model(test.as_float()).argmax(1) == test.labels).float().mean() >= 0.9
-    return model, test.as_float(), test.labels
-
-
-def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> int:
-    """Number of samples still classified correctly."""
-    with torch.no_grad():
-        return int((model(x_adv).argmax(1) == y).sum())
-
-
-def test_pgd_matches_torchattacks_without_random_start(mnist_cnn) -> None:
+def test_pgd_matches_torchattacks_without_random_start(robust, mnist_cnn) -> None:
     model, x, y = mnist_cnn
     ours = pgd(model, x, y, eps=EPS, alpha=0.02, steps=10, random_start=False, keep_best=False)
     ref = torchattacks.PGD(model, eps=EPS, alpha=0.02, steps=10, random_start=False)(x, y)
     assert (ours - ref).abs().max() <= 1e-6
-    assert _robust(model, ours, y) < 0.6 * len(y), "the eps should matter for this model"
+    assert robust(model, ours, y) < 0.6 * len(y), "the eps should matter for this model"
 
 
-def test_pgd_with_random_start_matches_in_robust_accuracy(mnist_cnn) -> None:
+def test_pgd_with_random_start_matches_in_robust_accuracy(robust, mnist_cnn) -> None:
     model, x, y = mnist_cnn
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         ours = pgd(model, x, y, eps=EPS, alpha=0.02, steps=10, keep_best=False, generator=gen)
         torch.manual_seed(seed)
         ref = torchattacks.PGD(model, eps=EPS, alpha=0.02, steps=10, random_start=True)(x, y)
-        assert abs(_robust(model, ours, y) - _robust(model, ref, y)) <= 2
+        assert abs(robust(model, ours, y) - robust(model, ref, y)) <= 2
 
 
-def test_apgd_matches_torchattacks_in_robust_accuracy(mnist_cnn) -> None:
+def test_apgd_matches_torchattacks_in_robust_accuracy(robust, mnist_cnn) -> None:
     model, x, y = mnist_cnn
     for steps in (10, 25):
         ours = apgd(model, x, y, eps=EPS, steps=steps, loss="ce", generator=torch.Generator().manual_seed(0))
         ref = torchattacks.APGD(model, eps=EPS, steps=steps, n_restarts=1, loss="ce", seed=0)(x, y)
-        assert abs(_robust(model, ours, y) - _robust(model, ref, y)) <= 0.03 * len(y)
+        assert abs(robust(model, ours, y) - robust(model, ref, y)) <= 0.03 * len(y)
 
 
-def test_square_is_at_least_as_strong_as_torchattacks(mnist_cnn) -> None:
+def test_square_is_at_least_as_strong_as_torchattacks(robust, mnist_cnn) -> None:
     model, x, y = mnist_cnn
     ours = square_linf(model, x, y, eps=EPS, queries=300, generator=torch.Generator().manual_seed(0))
     ref = torchattacks.Square(model, eps=EPS, n_queries=300, n_restarts=1, p_init=0.8, loss="margin", seed=0)(
         x, y
     )
     assert (ours - x).abs().max() <= EPS + 1e-6
-    robust_ours, robust_ref = _robust(model, ours, y), _robust(model, ref, y)
+    robust_ours, robust_ref = robust(model, ours, y), robust(model, ref, y)
     assert robust_ours <= robust_ref + 2
     # A black-box attack does not beat white-box APGD by much: a far stronger Square would mean a bug.
-    robust_apgd = _robust(model, apgd(model, x, y, eps=EPS, steps=25), y)
+    robust_apgd = robust(model, apgd(model, x, y, eps=EPS, steps=25), y)
     assert robust_ours >= robust_apgd - 0.03 * len(y)
     assert robust_ref - robust_ours <= 0.1 * len(y)

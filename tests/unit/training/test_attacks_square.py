@@ -12,18 +12,6 @@ from training.attacks import ATTACKS, fgsm, margin_loss, square_linf
 from training.attacks.square import square_p, square_side, stripes_init
 
 
-def _tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 3),
-    )
-
-
 class QueryOnly:
     """Wraps a model: refuses any call that autograd could differentiate, counts calls and rows."""
 
@@ -38,34 +26,6 @@ class QueryOnly:
         self.calls += 1
         self.rows += x.shape[0]
         return self.model(x)
-
-
-@pytest.fixture
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-
-
-def _separable(n: int = 60) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """Three classes told apart by a bright row, and a linear model that fits them exactly."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    x = torch.rand(n, 1, 6, 6, generator=gen) * 0.3
-    for i, label in enumerate(y):
-        x[i, 0, 2 * label, :] += 0.6
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return x, y, model.eval()
-
-
-def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
 def test_registered() -> None:
@@ -95,8 +55,8 @@ def test_stripes_init() -> None:
 
 
 @pytest.mark.parametrize("restarts", [1, 2])
-def test_stays_in_ball_and_box_and_uses_no_gradients(restarts: int, batch) -> None:
-    model = QueryOnly(_tiny_cnn().eval())
+def test_stays_in_ball_and_box_and_uses_no_gradients(tiny_cnn, restarts: int, batch) -> None:
+    model = QueryOnly(tiny_cnn().eval())
     x, y = batch
     x_adv = square_linf(model, x, y, eps=0.1, queries=40, restarts=restarts)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
@@ -104,7 +64,7 @@ def test_stays_in_ball_and_box_and_uses_no_gradients(restarts: int, batch) -> No
     assert ((x_adv - x).abs().amax(dim=(1, 2, 3)) <= 0.1 + 1e-6).all()
 
 
-def test_query_budget() -> None:
+def test_query_budget(separable) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(5, 1, 6, 6, generator=gen)
     y = torch.zeros(5, dtype=torch.long)
@@ -129,14 +89,14 @@ def test_query_budget() -> None:
     assert always.rows == 5
 
     # Fooled on the way: samples stop being queried once misclassified.
-    x_sep, y_sep, model = _separable()
+    x_sep, y_sep, model = separable()
     counted = QueryOnly(model)
     square_linf(counted, x_sep, y_sep, eps=0.3, queries=200)
     assert counted.rows < 0.5 * len(x_sep) * 200
 
 
-def test_per_sample_eps(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_per_sample_eps(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     eps = torch.linspace(0.0, 0.2, len(x))
     x_adv = square_linf(model, x, y, eps=eps, queries=30)
@@ -147,8 +107,8 @@ def test_per_sample_eps(batch) -> None:
         square_linf(model, x, y, eps=torch.ones(3), queries=10)
 
 
-def test_reproducible_with_a_generator(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_reproducible_with_a_generator(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
 
     def run(seed: int) -> torch.Tensor:
@@ -158,8 +118,8 @@ def test_reproducible_with_a_generator(batch) -> None:
     assert not torch.equal(run(3), run(4))
 
 
-def test_margin_only_goes_down(batch) -> None:
-    model = _tiny_cnn(2).eval()
+def test_margin_only_goes_down(tiny_cnn, batch) -> None:
+    model = tiny_cnn(2).eval()
     x, y = batch
     with torch.no_grad():
         ok = model(x).argmax(1) == y
@@ -175,21 +135,21 @@ def test_margin_only_goes_down(batch) -> None:
     assert (after < before - 1e-3).float().mean() >= 0.8
 
 
-def test_breaks_an_undefended_model() -> None:
-    x, y, model = _separable()
-    assert _robust(model, x, y) == 1.0
+def test_breaks_an_undefended_model(separable, robust) -> None:
+    x, y, model = separable()
+    assert robust(model, x, y) == 1.0
     gen = torch.Generator().manual_seed(0)
-    robust_square = _robust(model, square_linf(model, x, y, eps=0.3, queries=200, generator=gen), y)
+    robust_square = robust(model, square_linf(model, x, y, eps=0.3, queries=200, generator=gen), y)
     assert robust_square <= 0.1
-    assert robust_square <= _robust(model, fgsm(model, x, y, eps=0.3), y)
-    assert _robust(model, square_linf(model, x, y, eps=0.3, queries=200, loss="ce"), y) <= 0.1
+    assert robust_square <= robust(model, fgsm(model, x, y, eps=0.3), y)
+    assert robust(model, square_linf(model, x, y, eps=0.3, queries=200, loss="ce"), y) <= 0.1
     # Small eps leaves most predictions alone.
-    assert _robust(model, square_linf(model, x, y, eps=0.01, queries=200), y) >= 0.9
+    assert robust(model, square_linf(model, x, y, eps=0.01, queries=200), y) >= 0.9
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
-    model = _tiny_cnn()
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+    model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
     before = {
@@ -202,8 +162,8 @@ def test_leaves_mode_and_parameters_untouched(mode: str, batch) -> None:
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_validation(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_validation(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with pytest.raises(ValueError, match="loss"):
         square_linf(model, x, y, eps=0.1, queries=10, loss="dlr")
@@ -213,8 +173,8 @@ def test_validation(batch) -> None:
         square_linf(model, x, y, eps=0.1, queries=10, p_init=0.0)
 
 
-def test_runs_under_a_callers_autocast(batch) -> None:
-    model = _tiny_cnn().eval()
+def test_runs_under_a_callers_autocast(tiny_cnn, batch) -> None:
+    model = tiny_cnn().eval()
     x, y = batch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = square_linf(model, x, y, eps=0.1, queries=20)
