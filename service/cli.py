@@ -289,6 +289,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         attacks=attacks,
         norm=args.norm,
         precision=args.precision,
+        compile=args.compile,
         seed=args.seed,
         checks=not args.no_checks,
         batch_size=args.batch_size,
@@ -549,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "fp32", "bf16"],
         help="bf16 autocast, checked against fp32 on a subset (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    au.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the attacked model (auto: on CUDA only)",
     )
     au.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")

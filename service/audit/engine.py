@@ -115,6 +115,7 @@ class AuditSpec:
     attacks: list[AttackRun]
     norm: str = "linf"
     precision: str = "auto"  # "fp32", "bf16" (autocast, checked against fp32), "auto": bf16 on CUDA only
+    compile: str = "auto"  # "on", "off" or "auto" (on CUDA only): torch.compile the attacked model
     seed: int = 0
     checks: bool = True
     batch_size: int = 256
@@ -216,8 +217,7 @@ class _Meter:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.engine._check_cancel()
         self._credit(len(x) * (1.0 if torch.is_grad_enabled() else 1 / 3))
-        out: torch.Tensor = self.engine.model(x)
-        return out
+        return self.engine.forward(x)
 
     def finish(self) -> None:
         """Credit what the batch planned and did not spend (early stops, cheaper steps)."""
@@ -248,6 +248,25 @@ class Engine:
         if spec.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be fp32, bf16 or auto, got {spec.precision!r}")
         self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+        if spec.compile not in ("on", "off", "auto"):
+            raise ValueError(f"compile must be on, off or auto, got {spec.compile!r}")
+        self.compiled = spec.compile == "on" or (spec.compile == "auto" and device.type == "cuda")
+        # dynamic: early stop shrinks the batch at every step; one graph serves every size.
+        self._compiled = torch.compile(self.model, dynamic=True) if self.compiled else None
+        self.compile_error: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The attacked model: compiled when asked for; a model or host torch.compile cannot handle
+        falls back to eager once, and the audit records why."""
+        if self._compiled is not None:
+            try:
+                out: torch.Tensor = self._compiled(x)
+                return out
+            except Exception as exc:  # any compiler failure means: run eager
+                self._compiled, self.compiled = None, False
+                self.compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        out = self.model(x)
+        return out
 
     def _autocast(self, bf16: bool) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)

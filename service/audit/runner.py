@@ -67,6 +67,9 @@ def run_audit(
             "norm": spec.norm,
             "precision": spec.precision,
             "bf16_active": engine.bf16,
+            "compile": spec.compile,
+            "compiled": engine.compiled,
+            "compile_error": engine.compile_error,
             "attacks": [
                 {"name": a.name, "label": a.label, "params": a.kwargs(spec.norm)} for a in spec.attacks
             ],

@@ -34,6 +34,7 @@ def spec_from_dict(d: dict[str, Any]) -> AuditSpec:
         attacks=[AttackRun(a["name"], dict(a.get("params") or {})) for a in d["attacks"]],
         norm=d["norm"],
         precision=d["precision"],
+        compile=d.get("compile", "auto"),
         seed=d["seed"],
         checks=d["checks"],
         batch_size=d.get("batch_size", 256),

@@ -79,6 +79,9 @@ class AuditRequest(BaseModel):
         "auto",
         description="bf16 autocast (checked against fp32 on a subset); auto: bf16 on CUDA, fp32 on CPU",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the attacked model (auto: on CUDA only; falls back to eager)"
+    )
     seed: int = 0
     checks: bool = True
 
@@ -118,6 +121,7 @@ def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
         attacks=runs,
         norm=req.norm,
         precision=req.precision,
+        compile=req.compile,
         seed=req.seed,
         checks=req.checks,
     )
@@ -196,6 +200,7 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
             "attacks": [{"name": a.name, "params": a.params} for a in spec.attacks],
             "norm": spec.norm,
             "precision": spec.precision,
+            "compile": spec.compile,
             "seed": spec.seed,
             "checks": spec.checks,
         },

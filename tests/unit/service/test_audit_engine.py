@@ -157,3 +157,34 @@ def test_checks_cost_is_part_of_the_plan() -> None:
     spec = AuditSpec(eps=[0.0, 0.1], attacks=[AttackRun("pgd", {"steps": 10})])
     assert checks_cost(spec, 1000) > 0
     assert checks_cost(AuditSpec(eps=[0.1], attacks=spec.attacks, checks=False), 1000) == 0
+
+
+def test_compiled_attacks_agree_with_eager() -> None:
+    """torch.compile (inductor, a C++ compiler on the CPU; on CUDA the default) gives the same
+    audit; early stop changes the batch size at every step, which one dynamic graph serves."""
+    x, y, _ = _data()
+    results = {}
+    for mode in ("off", "on"):
+        spec = AuditSpec(eps=[0.1, 0.2], attacks=[AttackRun("pgd", {"steps": 5})], compile=mode, checks=False)
+        results[mode] = run_audit(
+            Brightness(), x, y, spec, device=torch.device("cpu"), model_info=_model_info(), data_info={}
+        )
+    assert results["on"]["settings"]["compiled"] is True
+    assert results["on"]["settings"]["compile_error"] is None
+    assert results["off"]["settings"]["compiled"] is False
+    assert [r["union"] for r in results["on"]["per_eps"]] == [r["union"] for r in results["off"]["per_eps"]]
+
+
+def test_a_compiler_failure_falls_back_to_eager() -> None:
+    x, y, _ = _data()
+    spec = AuditSpec(eps=[0.1], attacks=[AttackRun("pgd", {"steps": 3})], compile="on", checks=False)
+    engine = Engine(Brightness(), spec, device=torch.device("cpu"))
+
+    def broken(_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler on this host")
+
+    engine._compiled = broken  # what a host without a working compiler does at the first call
+    result = engine.run(x, y)
+    assert not engine.compiled
+    assert engine.compile_error == "RuntimeError: no C++ compiler on this host"
+    assert result["per_eps"][-1]["union"]["n"] == N
