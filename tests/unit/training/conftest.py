@@ -3,7 +3,8 @@ toy problem, and a small CNN trained on MNIST (once per session)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 import torch
@@ -62,6 +63,27 @@ def separable() -> Callable[..., tuple[torch.Tensor, torch.Tensor, nn.Module]]:
 @pytest.fixture
 def robust() -> Callable[..., float]:
     return _robust
+
+
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Asserts that the block leaves every module's mode, the parameters' gradients and the weights
+    (BatchNorm running statistics aside) as they were."""
+    modes = [m.training for m in model.modules()]
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
+    yield
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+@pytest.fixture
+def untouched() -> Callable[[nn.Module], AbstractContextManager[None]]:
+    """``with untouched(model): attack(model, ...)``"""
+    return _untouched
 
 
 @pytest.fixture

@@ -77,19 +77,13 @@ def test_reproducible_with_a_generator(tiny_cnn, batch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, untouched, mode: str, batch) -> None:
     model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
-    before = {
-        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
-    }
-    apgd(model, x, y, eps=0.1, steps=5, restarts=2)
-    apgd(model, x, y, eps=0.5, norm="l2", steps=5, loss="dlr")
-    assert all(m.training == (mode == "train") for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with untouched(model):
+        apgd(model, x, y, eps=0.1, steps=5, restarts=2)
+        apgd(model, x, y, eps=0.5, norm="l2", steps=5, loss="dlr")
 
 
 def test_runs_under_a_callers_autocast(tiny_cnn, batch) -> None:

@@ -111,18 +111,12 @@ def test_box_unfooled_samples_and_determinism(tiny_cnn, batch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, untouched, mode: str, batch) -> None:
     model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
-    before = {
-        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
-    }
-    cw_l2(model, x, y, steps=5, binary_steps=2)
-    assert all(m.training == (mode == "train") for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with untouched(model):
+        cw_l2(model, x, y, steps=5, binary_steps=2)
 
 
 def test_rms_to_l2() -> None:

@@ -148,18 +148,12 @@ def test_breaks_an_undefended_model(separable, robust) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(tiny_cnn, mode: str, batch) -> None:
+def test_leaves_mode_and_parameters_untouched(tiny_cnn, untouched, mode: str, batch) -> None:
     model = tiny_cnn()
     model.train(mode == "train")
     x, y = batch
-    before = {
-        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
-    }
-    square_linf(model, x, y, eps=0.1, queries=10, restarts=2)
-    assert all(m.training == (mode == "train") for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with untouched(model):
+        square_linf(model, x, y, eps=0.1, queries=10, restarts=2)
 
 
 def test_validation(tiny_cnn, batch) -> None:
