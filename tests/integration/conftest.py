@@ -1,78 +1,14 @@
-"""Real servers for the integration tests: a model store built by training and exporting small
-models for real, and ``erc serve`` started as a subprocess on a free loopback port."""
+"""Real TorchServe for the integration tests (the model store and ``erc serve`` fixtures are in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service import launch
-from service.launch import ServerProcess, free_port
-from training.config import load_config
-from training.export import export_run
-from training.train import run_training
-
-
-def _train_export(root: Path, store: Path, name: str, overrides: dict) -> Path:
-    base = {
-        "method.name": "er-minus",
-        "data.eval_subset": 200,
-        "data.batch_size": 50,
-        "run.progress": False,
-        "run.out_dir": str(root / name),
-    }
-    run_training(load_config(overrides={**base, **overrides}))
-    return export_run(root / name, name, store, eval_n=200, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny`` (slim, trained enough to read digits), ``big`` (paper size, barely trained) and
-    ``broken`` (a copy of tiny whose weights no longer match the card's sha256)."""
-    root = tmp_path_factory.mktemp("runs")
-    store = tmp_path_factory.mktemp("store")
-    _train_export(root, store, "tiny", {"model.width": 0.25, "data.train_subset": 4000, "run.epochs": 2})
-    _train_export(root, store, "big", {"data.train_subset": 100, "run.epochs": 1})
-    shutil.copytree(store / "tiny", store / "broken")
-    weights = store / "broken" / "weights.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
-    return store
-
-
-def start_server(store: Path, log_dir: Path, **env: str) -> ServerProcess:
-    """``erc serve`` on ``store`` with one torch thread (the tests run side by side on 2 cores)."""
-    log = log_dir / f"server-{len(list(log_dir.glob('server-*')))}.log"
-    return launch.start_server(store, log, env={"ERC_TORCH_THREADS": "1", **env})
-
-
-@pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server(
-        model_store,
-        tmp_path_factory.mktemp("logs"),
-        ERC_DEFAULT_MODEL="tiny",
-        ERC_MAX_INSTANCES="8",
-        ERC_MAX_BODY_BYTES=str(1024 * 1024),
-        ERC_MAX_IMAGE_PIXELS=str(2000 * 2000),
-    )
-    yield srv
-    assert srv.stop(), srv.log.read_text()[-3000:]
-
-
-@pytest.fixture(scope="session")
-def start_server_fn():
-    """``start_server`` as a fixture, for tests that need a server with their own settings."""
-    return start_server
-
-
-@pytest.fixture(scope="session")
-def free_port_fn():
-    return free_port
+from service.launch import free_port
 
 
 @pytest.fixture(scope="module")
