@@ -150,11 +150,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
+            _validation_errors_as_served(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _validation_errors_as_served(schema: dict[str, Any]) -> None:
+    """FastAPI documents a 422 of ``{"detail": [...]}`` (HTTPValidationError) on every route with
+    parameters; the service answers a validation error with the service-wide error body
+    (:func:`service.http.install_handlers`). Document what is served."""
+    fastapi_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            response = operation.get("responses", {}).get("422", {})
+            if response.get("content", {}).get("application/json", {}).get("schema") == fastapi_422:
+                operation["responses"]["422"] = {"description": "invalid input", "content": error}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
 
 
 def build_asgi(settings: Settings | None = None) -> ASGIApp:

@@ -353,9 +353,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # -- serve --------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import build_asgi
+    from service.server import serve
     from service.settings import Settings
 
     overrides = {
@@ -372,17 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        build_asgi(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=15,
-        log_config=None,  # keep the root logging set up by main()
-    )
+    serve(settings)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,13 @@ class Decoded:
         }
 
 
+_NOT_NUMBERS = {
+    "U": "strings",
+    "S": "strings",
+    "b": "booleans",
+    "O": "null, objects, or integers beyond 64 bits",
+}
+
 _HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
@@ -111,6 +119,11 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
+# Formats Pillow may open. An allowlist: Pillow's other plugins include EPS, whose decoder runs
+# Ghostscript on the file where it is installed, and rarely used parsers of old formats.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+
 def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int) -> Decoded:
     """One image file -> ``[C, H, W]`` float tensor in [0, 1] (see the module docstring)."""
     if not data:
@@ -119,12 +132,20 @@ def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int) -> Decoded:
         # Our own pixel limit (below) is the one that counts; Pillow still refuses outright anything
         # over twice its default limit (DecompressionBombError). No warnings.catch_warnings() here:
         # it rewrites the process-wide filter list on every call, costly on the hot path.
-        img: Image.Image = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         head = data[:16]
-        raise InvalidImage(f"not an image Pillow can read ({len(data)} bytes starting {head!r})") from None
+        raise InvalidImage(
+            f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)}; "
+            f"{len(data)} bytes starting {head!r})"
+        ) from None
     except Image.DecompressionBombError as exc:
-        raise LimitExceeded(f"image too large: {exc}") from None
+        # Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS), hit before the size is known here.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{found.group(1)} pixels" if found else "more pixels than Pillow opens"
+        raise LimitExceeded(
+            f"image declares {declared}; the limit is {max_pixels} (decompression bomb)"
+        ) from None
     except Exception as exc:  # malformed headers raise assorted errors inside Pillow's plugins
         raise InvalidImage(f"unreadable image header: {exc}") from None
     fmt = img.format or "unknown"
@@ -136,19 +157,26 @@ def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int) -> Decoded:
             f"{fmt} image declares {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
+        # Image.open leaves animations (GIF, APNG, WebP, multi-page TIFF) on their first frame: only
+        # that frame is read. (Counting frames with n_frames would walk, and trip over, every later
+        # frame of the file.) Pillow's plugins signal corrupt data with assorted exception types
+        # (OSError, SyntaxError, TypeError, IndexError, KeyError, NotImplementedError, ...).
         img.load()
         img = ImageOps.exif_transpose(img) or img
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"corrupt or truncated {fmt} image: {exc}") from None
+    except Exception as exc:
+        raise InvalidImage(f"corrupt or truncated {fmt} image: {type(exc).__name__}: {exc}") from None
     mode = img.mode
     original = img.size
-    if img.mode in _HIGH_DEPTH:
-        img = _to_8bit(img)
-    img = _flatten_alpha(img)
-    if img.mode != spec.mode:
-        img = img.convert(spec.mode)
+    try:
+        if img.mode in _HIGH_DEPTH:
+            img = _to_8bit(img)
+        img = _flatten_alpha(img)
+        if img.mode != spec.mode:
+            img = img.convert(spec.mode)
+    except (ValueError, OSError) as exc:  # e.g. LAB TIFFs: Pillow converts LAB to nothing
+        raise InvalidImage(
+            f"{fmt} image in colour mode {mode} cannot be converted to {spec.mode}: {exc}"
+        ) from None
     resized = img.size != (spec.width, spec.height)
     if resized:
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
@@ -180,9 +208,13 @@ def tensor_from_values(data: Any, shape: list[int], spec: InputSpec, *, max_rows
     if shape[0] > max_rows:
         raise LimitExceeded(f"{shape[0]} images in one request; the limit is {max_rows}")
     try:
-        arr = np.asarray(data, dtype=np.float32)
+        raw = np.asarray(data)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"input data is not a (regular) array of numbers: {exc}") from None
+    if raw.dtype.kind not in "iuf":  # numpy would parse "0.5" strings and take true as 1.0
+        what = _NOT_NUMBERS.get(raw.dtype.kind, f"values of type {raw.dtype}")
+        raise InvalidInput(f"FP32 input data must hold JSON numbers only; it holds {what}")
+    arr = raw.astype(np.float32, copy=False)
     count = int(np.prod(shape))
     if arr.size != count:
         raise InvalidInput(f"input data has {arr.size} values; shape {shape} needs {count}")

@@ -142,6 +142,7 @@ class InferResponse(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    draining: bool = False
     models: dict[str, dict[str, Any]] | None = None
 
 
@@ -158,6 +159,13 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": "error"} for c in codes}
 
 
+def json_error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """:func:`error_responses` for a route whose own response class is not JSON (FastAPI files a
+    ``model`` under the route's media type, e.g. text/html): the error body declared as JSON."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {c: {"description": "error", "content": body} for c in codes}
+
+
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -170,8 +178,14 @@ IMAGE_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "description": "image files (any field name is read; at least one file part)",
+                        }
                     },
+                    "required": ["file"],
                 }
             },
         },
@@ -179,8 +193,9 @@ IMAGE_BODY = {
 }
 
 
-# Request models the routes parse by hand: added to the OpenAPI components by the app factory.
-REQUEST_MODELS: list[type[BaseModel]] = [PredictRequest, InferRequest]
+# Request models the routes parse by hand, and the error body json_error_responses refers to: added
+# to the OpenAPI components by the app factory.
+REQUEST_MODELS: list[type[BaseModel]] = [PredictRequest, InferRequest, ErrorResponse]
 
 
 def component_schemas() -> dict[str, Any]:

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     audit_keep: int = Field(50, ge=1, description="finished audits kept in memory for GET /admin/audits")
 
     log_level: str = Field("info", description="debug, info, warning, error")
+    shutdown_grace_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="after SIGTERM, keep serving this long while /readyz answers 503 (draining), so a "
+        "load balancer stops sending requests before connections close; a second signal stops at once",
+    )
 
     @field_validator("models", mode="before")
     @classmethod

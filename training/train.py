@@ -140,15 +140,20 @@ class Trainer:
         log.info("resumed %s after epoch %d", self.run_dir, self.start_epoch)
 
     def _trim_metrics(self) -> None:
-        """Drop log lines of epochs the checkpoint does not hold (a kill between log and save)."""
+        """Drop log lines of epochs the checkpoint does not hold (a kill between log and save), and
+        a line torn by a kill or a full disk in the middle of its append."""
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        keep = [
-            ln
-            for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch
-        ]
+        keep = []
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            if isinstance(epoch, int) and epoch <= self.start_epoch:
+                keep.append(ln)
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     # -- evaluation -----------------------------------------------------------------------------

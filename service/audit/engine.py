@@ -398,6 +398,8 @@ def embedding_view(
     else:
         _, _, v = torch.linalg.svd(z - mean, full_matrices=False)
         basis = v[:2].T
+    if basis.shape[1] < 2:  # a 1-d embedding, or one clean point (one component): pad to two axes
+        basis = torch.cat([basis, torch.zeros(basis.shape[0], 2 - basis.shape[1])], dim=1)
     return {
         "clean": ((z - mean) @ basis).tolist(),
         "adversarial": ((za - mean) @ basis).tolist(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +23,7 @@ from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unau
 from service.http import json_response
 from service.payloads import ImagePayload, b64decode, decode_all
 from service.routes.common import registry, settings_of
-from service.schemas import Instance, error_responses
+from service.schemas import Instance, error_responses, json_error_responses
 from training.data import dataset_info
 
 
@@ -48,6 +48,9 @@ async def require_admin(request: Request) -> None:
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
+# Seeds go to torch.Generator.manual_seed, which takes 64 bits, with offsets added: 0 <= seed < 2**62.
+SEED_MAX = 2**62 - 1
+
 
 class AttackRequest(BaseModel):
     name: Literal["fgsm", "pgd", "apgd", "square", "cw"]
@@ -60,7 +63,7 @@ class DataRequest(BaseModel):
     source: Literal["test", "upload"] = "test"
     dataset: str | None = Field(None, description="test split of this dataset (default: the model's)")
     n: int = Field(500, ge=1, description="samples drawn from the test split")
-    seed: int = Field(0, description="seed of the draw")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the draw")
     instances: list[Instance] | None = Field(None, description="uploaded images (source=upload)")
     labels: list[int] | None = Field(None, description="their true labels (source=upload)")
 
@@ -71,7 +74,7 @@ class AuditRequest(BaseModel):
     attacks: list[AttackRequest] | None = Field(
         None, description="default: FGSM, PGD-40, APGD-CE-100", min_length=1, max_length=8
     )
-    eps: list[float] | None = Field(
+    eps: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None, description="default: 0, half and all of the training eps", min_length=1, max_length=32
     )
     norm: Literal["linf", "l2"] = "linf"
@@ -82,7 +85,7 @@ class AuditRequest(BaseModel):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the attacked model (auto: on CUDA only; falls back to eager)"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the attacks")
     checks: bool = True
 
 
@@ -131,7 +134,7 @@ def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
     "/audits",
     status_code=202,
     response_model=AuditCreated,
-    responses=error_responses(401, 404, 409, 413, 422),
+    responses=error_responses(400, 401, 404, 409, 413, 422),
     summary="Start a robustness audit",
 )
 async def create_audit(req: AuditRequest, request: Request) -> Response:
@@ -172,7 +175,10 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
         if req.data.n > settings.audit_max_n:
             raise LimitExceeded(f"data.n = {req.data.n}; the audit limit is {settings.audit_max_n}")
         if req.data.dataset is not None:
-            other = dataset_info(req.data.dataset) if req.data.dataset else info
+            try:
+                other = dataset_info(req.data.dataset) if req.data.dataset else info
+            except KeyError as exc:  # unknown dataset: the message lists the known ones
+                raise InvalidInput(f"data.dataset: {exc.args[0]}") from None
             if other.shape != tuple(card.input_shape):
                 raise InvalidInput(
                     f"dataset {req.data.dataset} has shape {other.shape}, the model takes "
@@ -252,7 +258,7 @@ async def get_audit(audit_id: str, request: Request) -> Response:
 @router.get(
     "/audits/{audit_id}/report",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}}, **error_responses(401, 404, 409)},
+    responses={200: {"content": {"text/html": {}}}, **json_error_responses(401, 404, 409)},
     summary="Self-contained HTML report of a finished audit",
 )
 async def audit_report(audit_id: str, request: Request) -> Response:

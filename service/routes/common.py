@@ -12,7 +12,14 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.errors import BadRequest, InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    InvalidInput,
+    LimitExceeded,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from service.imaging import Decoded, InputSpec
 from service.payloads import ImagePayload, decode_all, parse_instances
 from service.registry import ModelRegistry
@@ -89,7 +96,14 @@ async def image_payload(request: Request, settings: Settings) -> ImagePayload:
         except ServiceError:
             raise
         except Exception as exc:  # starlette raises HTTPException / MultiPartException variants
-            raise BadRequest(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+            detail = str(getattr(exc, "detail", exc))
+            if detail.startswith("Too many"):  # starlette max_files / max_fields: a limit, not bad syntax
+                what = "files" if "files" in detail else "form fields"
+                raise LimitExceeded(
+                    f"more than {settings.max_instances} {what} in one multipart request; "
+                    f"the limit is {settings.max_instances}"
+                ) from None
+            raise BadRequest(f"malformed multipart body: {detail}") from None
         files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise InvalidInput("multipart body holds no file parts")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
-from service.http import json_response
+from service.http import draining, json_response
 from service.routes.common import registry
 from service.schemas import Liveness, Readiness
 
@@ -26,7 +26,9 @@ async def healthz() -> Response:
 )
 async def readyz(request: Request) -> Response:
     ok, detail = registry(request).readiness()
-    return json_response({"ready": ok, "models": detail}, status=200 if ok else 503)
+    if draining.is_set():  # shutting down: keep serving, but send no new traffic here
+        return json_response({"ready": False, "draining": True, "models": detail}, status=503)
+    return json_response({"ready": ok, "draining": False, "models": detail}, status=200 if ok else 503)
 
 
 @router.get(

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from service import __version__, metrics
 from service.errors import InvalidInput, LimitExceeded, NotFound
-from service.http import json_response
+from service.http import draining, json_response
 from service.payloads import ImagePayload, b64decode
 from service.registry import ServedModel
 from service.routes.common import decode_batch, parse_json, read_body, registry, settings_of
@@ -65,6 +65,7 @@ async def live() -> Response:
 )
 async def ready(request: Request) -> Response:
     ok, _ = registry(request).readiness()
+    ok = ok and not draining.is_set()
     return json_response({"ready": ok}, status=200 if ok else 400)
 
 

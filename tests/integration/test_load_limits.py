@@ -4,6 +4,7 @@ once, and SIGTERM lets in-flight requests finish."""
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,3 +71,30 @@ def test_sigterm_finishes_in_flight_requests(model_store, tmp_path, mnist_sample
         codes = [f.result() for f in futures]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1, codes
     assert stopped_in < 30
+
+
+def test_sigterm_with_a_drain_period(model_store, tmp_path, mnist_sample, start_server_fn) -> None:
+    """ERC_SHUTDOWN_GRACE_S: after SIGTERM, readiness fails at once (a load balancer stops routing)
+    but requests are still served until the drain period ends; then the server stops cleanly."""
+    grace = 3.0
+    srv = start_server_fn(model_store, tmp_path, ERC_MODELS="tiny", ERC_SHUTDOWN_GRACE_S=str(grace))
+    png = mnist_sample.pngs[0]
+    with srv.client() as c:
+        assert c.get("/readyz").json()["draining"] is False
+        t0 = time.perf_counter()
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        assert c.get("/v2/health/ready").status_code == 400
+        served = 0
+        while time.perf_counter() - t0 < grace - 0.8:
+            r = c.post("/v1/models/tiny:predict", content=png, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            served += 1
+        assert served > 0
+    srv.proc.wait(timeout=30)
+    exited_after = time.perf_counter() - t0
+    assert grace - 0.5 < exited_after < grace + 20
+    assert srv.stop(), srv.log.read_text()[-2000:]  # exited cleanly: "Application shutdown complete"
+    assert "draining for 3.0 s" in srv.log.read_text()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.audit.engine import AttackRun, AuditCancelled, AuditSpec, Engine, Progress
+from service.audit.engine import AttackRun, AuditCancelled, AuditSpec, Engine, Progress, embedding_view
 from service.audit.runner import checks_cost, run_audit
 
 N = 96
@@ -188,3 +188,12 @@ def test_a_compiler_failure_falls_back_to_eager() -> None:
     assert not engine.compiled
     assert engine.compile_error == "RuntimeError: no C++ compiler on this host"
     assert result["per_eps"][-1]["union"]["n"] == N
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_the_embedding_view_is_two_dimensional_for_any_number_of_points(n: int) -> None:
+    """Found by the API fuzzer (tests/security/test_fuzz.py): one attacked point gave a 1-d PCA
+    projection, and the report's scatter plot an IndexError that failed the audit."""
+    x = torch.rand(n, 1, 4, 4)
+    view = embedding_view(Brightness(), x, x, torch.zeros(n, dtype=torch.long), torch.device("cpu"), 8)
+    assert [len(p) for p in view["clean"]] == [2] * n and [len(p) for p in view["adversarial"]] == [2] * n

@@ -144,6 +144,23 @@ def test_non_images(data: bytes, match: str) -> None:
         decode_image(data, GREY, max_pixels=LIMIT)
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "TGA", "ICO", "PCX", "SGI"])
+def test_formats_outside_the_allowlist_are_refused(fmt: str) -> None:
+    """Pillow reads these, but the service opens only its allowlist (EPS would run Ghostscript)."""
+    buf = io.BytesIO()
+    Image.fromarray(_digit()).convert("RGB" if fmt == "EPS" else "L").save(buf, format=fmt)
+    Image.open(io.BytesIO(buf.getvalue())).verify()  # a real file Pillow itself would open
+    with pytest.raises(InvalidImage, match="accepted format"):
+        decode_image(buf.getvalue(), GREY, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM"])
+def test_allowlisted_formats_decode(fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(_digit()).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), GREY, max_pixels=LIMIT).format == fmt
+
+
 def test_truncated_png_and_jpeg() -> None:
     png = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)))
     with pytest.raises(InvalidImage, match="corrupt or truncated PNG"):
