@@ -256,8 +256,18 @@ def _attack_arg(text: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"attack parameters look like key=value, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
+        params[key.strip()] = _scalar(value.strip(), yaml.safe_load)
     return name.strip(), params
+
+
+def _scalar(text: str, fallback: Any) -> Any:
+    """``40`` -> 40, ``1e-2`` -> 0.01 (YAML 1.1 would keep that a string), else YAML (``true``...)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return fallback(text)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

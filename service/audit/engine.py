@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import platform
 import threading
 import time
@@ -87,14 +88,8 @@ def make_attack(name: str, params: dict[str, Any] | None, norm: str) -> AttackRu
     if norm not in NORMS[name]:
         raise ValueError(f"attack {name!r} works in {'/'.join(NORMS[name])}, not {norm}")
     params = dict(params or {})
-    accepted = set(inspect.signature(ATTACKS[name]).parameters) - {
-        "model",
-        "x",
-        "y",
-        "eps",
-        "generator",
-        "norm",
-    }
+    signature = inspect.signature(ATTACKS[name]).parameters
+    accepted = set(signature) - {"model", "x", "y", "eps", "generator", "norm"}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(
@@ -106,7 +101,31 @@ def make_attack(name: str, params: dict[str, Any] | None, norm: str) -> AttackRu
             not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 1
         ):
             raise ValueError(f"attack {name!r}: {key} must be a positive integer, got {params[key]!r}")
+    for key, value in params.items():
+        _check_type(name, key, value, signature[key].default)
     return AttackRun(name, params)
+
+
+def _check_type(attack: str, key: str, value: Any, default: Any) -> None:
+    """A parameter's value has the type of its default (ints count as floats; floats finite), so a
+    bad value is refused with the request rather than failing the audit later."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif isinstance(default, float) or default is None:
+        # None defaults are optional radii or step sizes: numbers when given.
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+        want = "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"attack {attack!r}: {key} must be {want}, got {value!r}")
 
 
 @dataclass

@@ -168,6 +168,7 @@ def _screenshot(html: str, tmp_path: Path) -> None:
         ({**SMALL, "attacks": [{"name": "deepfool"}]}, 422, "attacks"),
         ({**SMALL, "attacks": [{"name": "pgd", "params": {"stepz": 5}}]}, 422, "stepz"),
         ({**SMALL, "attacks": [{"name": "pgd", "params": {"steps": 0}}]}, 422, "positive integer"),
+        ({**SMALL, "attacks": [{"name": "pgd", "params": {"alpha": "x"}}]}, 422, "finite number"),
         ({**SMALL, "attacks": [{"name": "fgsm"}], "norm": "l2"}, 422, "linf"),
         ({**SMALL, "eps": [0, 1.5]}, 422, "outside [0, 1]"),
         ({**SMALL, "eps": []}, 422, "eps"),

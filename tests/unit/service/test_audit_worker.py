@@ -88,11 +88,21 @@ def test_writes_json_and_html(store: Path, tmp_path: Path) -> None:
 
 def test_attack_validation() -> None:
     assert make_attack("pgd", {"steps": 3}, "l2").kwargs("l2") == {"steps": 3, "restarts": 1, "norm": "l2"}
+    # Ints count as floats; the right types pass.
+    make_attack("pgd", {"alpha": 1, "keep_best": False, "loss": "margin"}, "linf")
+    make_attack("cw", {"c": 1, "lr": 0.05, "abort_early": False}, "l2")
     for name, params, norm, match in [
         ("pgd", {"step": 3}, "linf", "step"),
         ("fgsm", {}, "l2", "linf"),
         ("nope", {}, "linf", "unknown attack"),
         ("pgd", {"steps": -1}, "linf", "positive"),
+        ("pgd", {"alpha": "x"}, "linf", "alpha must be a finite number"),
+        ("pgd", {"alpha": float("nan")}, "linf", "finite number"),
+        ("pgd", {"keep_best": 1}, "linf", "keep_best must be true or false"),
+        ("pgd", {"loss": 3}, "linf", "loss must be a string"),
+        ("apgd", {"rho": True}, "linf", "rho must be a finite number"),
+        ("cw", {"abort_early": "yes"}, "l2", "abort_early"),
+        ("square", {"p_init": [0.8]}, "linf", "p_init"),
     ]:
         with pytest.raises(ValueError, match=match):
             make_attack(name, params, norm)

@@ -159,3 +159,14 @@ def test_data_list_and_info(erc_env: dict, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["name"] == "mnist" or info.get("dataset") == "mnist"
+
+
+def test_attack_arguments_parse_to_typed_values() -> None:
+    from service.cli import _attack_arg
+
+    assert _attack_arg("cw:c=1e-2,steps=50,abort_early=false,lr=0.1") == (
+        "cw",
+        {"c": 0.01, "steps": 50, "abort_early": False, "lr": 0.1},
+    )
+    assert _attack_arg("pgd:loss=margin") == ("pgd", {"loss": "margin"})
+    assert _attack_arg(" fgsm ") == ("fgsm", {})
