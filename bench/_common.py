@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,48 @@ class RssSampler:
 
 def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:
     return start_server(store, log_dir / "erc-serve.log", env=env)
+
+
+def start_audit_server(
+    store: Path, model: str, token: str, threads: int, extra_env: list[str]
+) -> ServerProcess:
+    """``erc serve`` of one model with the admin routes on (``token``) and no audit size limit;
+    ``extra_env`` holds ``KEY=VALUE`` settings from the command line."""
+    workdir = Path(tempfile.mkdtemp(prefix="erc-bench-"))
+    env = {
+        "ERC_ADMIN_TOKEN": token,
+        "ERC_MODELS": model,
+        "ERC_DEFAULT_MODEL": model,
+        "ERC_AUDIT_DIR": str(workdir / "audits"),
+        "ERC_AUDIT_MAX_WORK": "1e9",
+        "ERC_TORCH_THREADS": str(threads),
+        **dict(kv.split("=", 1) for kv in extra_env),
+    }
+    return start_erc(store, env, workdir)
+
+
+# The background audit of the "while an audit runs" measurements: long enough to outlast them.
+BACKGROUND_AUDIT = {
+    "data": {"n": 1000},
+    "eps": [0.1, 0.2, 0.3],
+    "attacks": [{"name": "pgd", "params": {"steps": 100}}],
+    "checks": False,
+}
+
+
+def start_background_audit(client: Any, model: str, timeout: float = 120) -> str:
+    """POST ``BACKGROUND_AUDIT`` with ``client`` (an httpx client carrying the token) and wait until
+    the audit process is attacking (progress above zero); returns the audit id."""
+    r = client.post("/admin/audits", json={"model": model, **BACKGROUND_AUDIT})
+    r.raise_for_status()
+    audit_id: str = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = client.get(f"/admin/audits/{audit_id}").json().get("progress") or {}
+        if progress.get("fraction", 0) > 0:
+            break
+        time.sleep(0.2)
+    return audit_id
 
 
 WRK_SCRIPT = r"""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from _common import (
     machine,
     mnist_pngs,
     run_wrk,
-    start_erc,
+    start_audit_server,
+    start_background_audit,
     wrk_available,
 )
 
@@ -211,40 +211,14 @@ def main() -> int:
             return 2
         pngs, _ = mnist_pngs(64)
         token = "bench-token"
-        workdir = Path(tempfile.mkdtemp(prefix="erc-bench-audit-"))
-        srv = start_erc(
-            store,
-            {
-                "ERC_ADMIN_TOKEN": token,
-                "ERC_MODELS": args.model,
-                "ERC_DEFAULT_MODEL": args.model,
-                "ERC_AUDIT_DIR": str(workdir / "audits"),
-                "ERC_AUDIT_MAX_WORK": "1e9",
-                "ERC_TORCH_THREADS": str(args.threads),
-                **dict(kv.split("=", 1) for kv in args.server_env),
-            },
-            workdir,
-        )
+        srv = start_audit_server(store, args.model, token, args.threads, args.server_env)
         path = f"/v1/models/{args.model}:predict"
         try:
             run_wrk(srv.url, path, pngs, args.clients, 3)
             quiet = run_wrk(srv.url, path, pngs, args.clients, args.seconds)
             headers = {"Authorization": f"Bearer {token}"}
-            audit = {
-                "model": args.model,
-                "data": {"n": 1000},
-                "eps": [0.1, 0.2, 0.3],
-                "attacks": [{"name": "pgd", "params": {"steps": 100}}],
-                "checks": False,
-            }
             with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as c:
-                audit_id = c.post("/admin/audits", json=audit).json()["id"]
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:  # until the audit process is up and attacking
-                    progress = c.get(f"/admin/audits/{audit_id}").json().get("progress") or {}
-                    if progress.get("fraction", 0) > 0:
-                        break
-                    time.sleep(0.2)
+                audit_id = start_background_audit(c, args.model)
                 busy = run_wrk(srv.url, path, pngs, args.clients, args.seconds)
                 status = c.get(f"/admin/audits/{audit_id}").json()
                 c.delete(f"/admin/audits/{audit_id}")

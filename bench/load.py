@@ -28,7 +28,6 @@ import base64
 import json
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,7 +38,16 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, bench_model, in_process_labels, log, machine, mnist_pngs, start_erc
+from _common import (
+    REPO,
+    bench_model,
+    in_process_labels,
+    log,
+    machine,
+    mnist_pngs,
+    start_audit_server,
+    start_background_audit,
+)
 
 TOKEN = "bench-load-token"
 JSON = {"content-type": "application/json"}
@@ -323,20 +331,7 @@ def main() -> int:
     result: dict[str, Any] = {"bench": "load", "machine": machine(), "model": desc, "settings": vars(args)}
     log(f"model: {desc}; {args.clients} clients, {args.seconds:g} s per phase, {args.invalid_pct:g}% invalid")
 
-    workdir = Path(tempfile.mkdtemp(prefix="erc-bench-load-"))
-    srv = start_erc(
-        store,
-        {
-            "ERC_ADMIN_TOKEN": TOKEN,
-            "ERC_MODELS": args.model,
-            "ERC_DEFAULT_MODEL": args.model,
-            "ERC_AUDIT_DIR": str(workdir / "audits"),
-            "ERC_AUDIT_MAX_WORK": "1e9",
-            "ERC_TORCH_THREADS": str(args.threads),
-            **dict(kv.split("=", 1) for kv in args.server_env),
-        },
-        workdir,
-    )
+    srv = start_audit_server(store, args.model, TOKEN, args.threads, args.server_env)
     phases: dict[str, PhaseStats] = {}
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
@@ -350,23 +345,8 @@ def main() -> int:
         phases["quiet"] = asyncio.run(run_load(srv.url, work, ref, args.clients, args.seconds, args.seed))
         if not args.skip_audit:
             headers = {"Authorization": f"Bearer {TOKEN}"}
-            audit = {
-                "model": args.model,
-                "data": {"n": 1000},
-                "eps": [0.1, 0.2, 0.3],
-                "attacks": [{"name": "pgd", "params": {"steps": 100}}],
-                "checks": False,
-            }
             with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as c:
-                r = c.post("/admin/audits", json=audit)
-                r.raise_for_status()
-                audit_id = r.json()["id"]
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:  # until the audit process is up and attacking
-                    progress = c.get(f"/admin/audits/{audit_id}").json().get("progress") or {}
-                    if progress.get("fraction", 0) > 0:
-                        break
-                    time.sleep(0.2)
+                audit_id = start_background_audit(c, args.model)
                 phases["audit_running"] = asyncio.run(
                     run_load(srv.url, work, ref, args.clients, args.seconds, args.seed + 1)
                 )
