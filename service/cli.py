@@ -113,6 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, CardError) as exc:
         raise SystemExit(f"erc: {exc}") from None
     dataset = args.dataset or loaded.dataset
+    if (args.loss == "dlr" and args.attack != "apgd") or (args.loss == "margin" and args.attack == "apgd"):
+        raise SystemExit(f"erc: --loss {args.loss} does not go with --attack {args.attack}")
     spec = AttackSpec(
         name=args.attack,
         norm=args.norm,
@@ -461,13 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--store", default="model_store", help="model store folder")
     e.add_argument("--dataset", help="evaluate on this dataset's test split (default: the model's)")
     e.add_argument("--data-dir")
-    e.add_argument("--attack", default="pgd", choices=["pgd", "fgsm"])
+    e.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "apgd"])
     e.add_argument("--norm", default="linf", choices=["linf", "l2"])
     e.add_argument("--eps", type=_floats, help="comma-separated radii (default: 0 and the training eps)")
     e.add_argument("--steps", type=int, default=40)
     e.add_argument("--restarts", type=int, default=1)
     e.add_argument("--alpha", type=float, help="step size (default 2.5*eps/steps)")
-    e.add_argument("--loss", default="ce", choices=["ce", "margin"])
+    e.add_argument("--loss", default="ce", choices=["ce", "margin", "dlr"], help="dlr: APGD only")
     e.add_argument(
         "--last-iterate",
         action="store_true",

@@ -90,6 +90,10 @@ class RunConfig:
     )
     progress: bool = True  # tqdm progress bars (rank 0 only)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    time_limit_s: float | None = None  # stop early rather than start an epoch that would end past this
+    init_from: str | None = (
+        None  # start from these network weights (store model or run dir); fresh optimizers
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.attacks import pgd
+from training.attacks import apgd, pgd
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -67,6 +67,11 @@ class AttackSpec:
     keep_best: bool = True  # a sample counts as broken if any iterate of any restart fooled the model
 
     def describe(self) -> str:
+        if self.name == "apgd":
+            return (
+                f"APGD-{self.loss.upper()}-{self.steps} {self.norm}, {self.restarts} restart(s), "
+                "step 2*eps halved at Croce & Hein's checkpoints"
+            )
         step = "2.5*eps/steps" if self.alpha is None else f"{self.alpha:g}"
         return (
             f"{self.name.upper()}-{self.steps} {self.norm}, {self.restarts} restart(s), step {step}, "
@@ -147,8 +152,20 @@ def robust_flags(
             keep_best=spec.keep_best,
             generator=generator,
         )
+    elif spec.name == "apgd":
+        x_adv = apgd(
+            model,
+            x[idx],
+            y[idx],
+            eps=eps,
+            norm=spec.norm,
+            steps=spec.steps,
+            restarts=spec.restarts,
+            loss=spec.loss,
+            generator=generator,
+        )
     else:
-        raise KeyError(f"unknown attack {spec.name!r} for robust_flags; known: pgd, fgsm")
+        raise KeyError(f"unknown attack {spec.name!r} for robust_flags; known: pgd, fgsm, apgd")
     with torch.no_grad():
         survived = model(x_adv).argmax(1) == y[idx]
     out = torch.zeros_like(correct)

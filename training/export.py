@@ -236,6 +236,7 @@ def append_card_metrics(model_dir: str | os.PathLike[str], metrics: list[dict[st
             a.get("steps"),
             a.get("restarts"),
             a.get("norm"),
+            a.get("loss"),
         )
 
     new_keys = {key(m) for m in metrics}

@@ -81,6 +81,35 @@ def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return out
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def initial_weights(ref: str, method: Method) -> dict[str, torch.Tensor]:
+    """Encoder + classifier weights for ``run.init_from``: a store model (card.json) or a run
+    directory (checkpoint.pt) of the same architecture."""
+    from training.card import CARD_FILE, load_model
+
+    path = Path(ref)
+    if (path / CARD_FILE).is_file():
+        model, card = load_model(path, torch.device("cpu"))
+        arch, kwargs = card.arch, card.arch_kwargs
+        state = model.state_dict()
+    elif (path / CHECKPOINT).is_file():
+        saved = load_checkpoint(path / CHECKPOINT)
+        arch, kwargs = saved["arch"], saved["arch_kwargs"]
+        state = saved["state"]["modules"]["model"]
+    else:
+        raise ValueError(f"run.init_from: {ref} holds neither a card.json nor a {CHECKPOINT}")
+    if arch != method.arch or kwargs != method.arch_kwargs:
+        raise ValueError(
+            f"run.init_from: {ref} is {arch} {kwargs}, this run builds {method.arch} {method.arch_kwargs}"
+        )
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 class Trainer:
     """One training run. Use :func:`run_training` unless you need the pieces."""
 
@@ -91,6 +120,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
         train = load_split(
             cfg.data.dataset, "train", cfg.data.data_dir, n=cfg.data.train_subset, seed=cfg.run.seed
         )
@@ -108,6 +139,9 @@ class Trainer:
             )
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
         self.method: Method = create_method(cfg, self.info, device, distributed=dist.enabled)
+        if cfg.run.init_from:
+            self.method.model.load_state_dict(initial_weights(cfg.run.init_from, self.method))
+            log.info("network weights from %s (optimizers and critic start fresh)", cfg.run.init_from)
         self.start_epoch = 0
 
     # -- persistence ----------------------------------------------------------------------------
@@ -197,6 +231,11 @@ class Trainer:
         return out
 
     # -- the loop -------------------------------------------------------------------------------
+    def _past_limit(self, projected_s: float, limit_s: float) -> bool:
+        """Whether the next epoch would end past the time limit, on any rank (all ranks agree)."""
+        flag = torch.tensor([1.0 if projected_s > limit_s else 0.0], device=self.device)
+        return bool(all_reduce_sum(flag, self.dist).item() > 0)
+
     def fit(self) -> dict[str, Any]:
         cfg, dist = self.cfg, self.dist
         if dist.is_main:
@@ -206,7 +245,19 @@ class Trainer:
         barrier(dist)
         # Epochs already done advance the LR schedule too (the scheduler state was restored).
         record: dict[str, Any] = {}
+        started = time.perf_counter()
+        longest = 0.0  # slowest epoch so far, with its evaluation
+        stopped_early: str | None = None
         for epoch in range(self.start_epoch, cfg.run.epochs):
+            limit = cfg.run.time_limit_s
+            if limit is not None and self._past_limit(time.perf_counter() - started + longest, limit):
+                stopped_early = (
+                    f"time limit: {limit:g} s would be exceeded by epoch {epoch + 1} "
+                    f"(slowest epoch so far {longest:.1f} s)"
+                )
+                log.warning("stopping after epoch %d: %s", epoch, stopped_early)
+                break
+            epoch_t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(cfg.run.seed, epoch + 1, dist.rank))
             self.method.train(True)
             steps = len(self.train_x) // cfg.data.batch_size
@@ -253,6 +304,7 @@ class Trainer:
                 "train_eps": self.method.eps_now if self.method.minmax else None,
                 **self.evaluate(),
                 "device": str(self.device),
+                "device_name": _device_name(self.device),
                 "world_size": dist.world_size,
             }
             if dist.is_main:
@@ -263,18 +315,19 @@ class Trainer:
                     "epoch %d: %s", epoch + 1, {k: record[k] for k in ("seconds", "test_acc") if k in record}
                 )
             barrier(dist)
+            longest = max(longest, time.perf_counter() - epoch_t0)
         summary = {
             "run_dir": str(self.run_dir),
             "epochs": cfg.run.epochs,
+            "epochs_done": int(record.get("epoch", self.start_epoch)),
+            "stopped_early": stopped_early,
             "method": self.method.name,
             "arch": self.method.arch,
             "dataset": self.info.name,
             "last": record,
             "params_in_sync": weights_in_sync(self.method.model, dist),
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": _device_name(self.device),
             "world_size": dist.world_size,
         }
         if dist.is_main:

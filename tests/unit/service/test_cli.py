@@ -127,6 +127,35 @@ def test_train_eval_export_end_to_end(erc_env: dict, tmp_path: Path) -> None:
     assert [m["metric"] for m in card["metrics"]] == ["accuracy", "robust_accuracy"]
     assert card["metrics"][1]["attack"]["steps"] == 3 and card["metrics"][1]["n"] == 100
 
+    # APGD with the DLR loss: a second figure at the same eps, steps and n, kept beside PGD's.
+    store = ["--store", str(tmp_path / "store"), "--n", "100", "--no-progress"]
+    res = _erc(
+        [
+            "eval",
+            "tiny",
+            *store,
+            "--attack",
+            "apgd",
+            "--loss",
+            "dlr",
+            "--steps",
+            "3",
+            "--eps",
+            "0.3",
+            "--update-card",
+        ],
+        erc_env,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "APGD-DLR-3" in res.stdout
+    card = json.loads((tmp_path / "store" / "tiny" / "card.json").read_text())
+    attacks = [(m["attack"] or {}).get("name") for m in card["metrics"]]
+    assert attacks == [None, "pgd", "apgd"] and card["metrics"][2]["attack"]["loss"] == "dlr"
+    for bad in (["--attack", "apgd", "--loss", "margin"], ["--attack", "pgd", "--loss", "dlr"]):
+        res = _erc(["eval", "tiny", *store, *bad], erc_env, tmp_path)
+        assert res.returncode != 0 and "does not go with" in res.stderr
+
 
 def test_intrinsic_dim_of_mnist_is_near_table_3(erc_env: dict, tmp_path: Path) -> None:
     out = tmp_path / "id.json"

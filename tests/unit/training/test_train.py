@@ -183,3 +183,55 @@ def test_crop_flip_keeps_shape_and_content() -> None:
     assert y.shape == x.shape
     # Each output is a shifted (and maybe mirrored) copy: its centre pixels come from the input.
     assert torch.isin(y[:, :, 8:24, 8:24].flatten(), x.flatten()).all()
+
+
+def test_time_limit_stops_between_epochs(tmp_path: Path) -> None:
+    """An epoch that would end past ``run.time_limit_s`` is not started; the summary says why."""
+    cfg = load_config(
+        overrides={
+            **SMALL,
+            "data.train_subset": 640,
+            "data.eval_subset": 100,
+            "method.name": "e-cla",
+            "run.epochs": 5,
+            "run.time_limit_s": 0.05,
+            "run.out_dir": str(tmp_path / "run"),
+        }
+    )
+    summary = run_training(cfg)
+    assert summary["epochs_done"] == 1 and summary["epochs"] == 5
+    assert "time limit" in summary["stopped_early"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in _lines(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_init_from_a_run_or_a_store_model(tmp_path: Path) -> None:
+    """``run.init_from`` starts a run from another run's (or a stored model's) network weights, with
+    fresh optimizers; a different architecture is refused by name."""
+    from training.export import export_run
+    from training.methods import create_method
+    from training.train import Trainer, initial_weights
+
+    base = {**SMALL, "data.train_subset": 320, "data.eval_subset": 50, "method.name": "er-minus"}
+    run_training(load_config(overrides={**base, "run.epochs": 1, "run.out_dir": str(tmp_path / "a")}))
+    saved = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state"]["modules"]["model"]
+    cfg = load_config(
+        overrides={**base, "run.init_from": str(tmp_path / "a"), "run.out_dir": str(tmp_path / "b")}
+    )
+    trainer = Trainer(cfg, DistInfo(), torch.device("cpu"))
+    now = trainer.method.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in saved.items())
+    assert all(not s for s in (o.state for o in trainer.method.optimizers.values()))
+
+    store = export_run(tmp_path / "a", "m", tmp_path / "store", dtype="float16", eval_n=50, device="cpu")
+    from_store = initial_weights(str(store), trainer.method)
+    assert all(
+        torch.allclose(from_store[k], v.float(), atol=1e-2) for k, v in saved.items() if v.is_floating_point()
+    )
+
+    other = load_config(overrides={**base, "model.embed_dim": 8})
+    method = create_method(other, trainer.info, torch.device("cpu"))
+    with pytest.raises(ValueError, match="this run builds"):
+        initial_weights(str(tmp_path / "a"), method)
+    with pytest.raises(ValueError, match="neither"):
+        initial_weights(str(tmp_path), method)
