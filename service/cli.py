@@ -186,11 +186,67 @@ def cmd_export(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         notes=args.notes,
         progress=not args.no_progress,
+        typicality_fit_n=args.typicality_fit_n,
     )
     card = json.loads((path / "card.json").read_text())
     _out(f"exported {path} (sha256 {card['weights_sha256'][:16]}..., {card['weights_dtype']})")
     for m in card["metrics"]:
         _out(f"  {m['metric']} eps={m['eps']}: {100 * m['value']:.2f}% (n={m['n']})")
+    return 0
+
+
+# -- typicality ---------------------------------------------------------------------------------
+def cmd_typicality(args: argparse.Namespace) -> int:
+    from training.card import CardError
+    from training.export import add_typicality, resolve_model
+    from training.typicality import Typicality, evaluate
+
+    try:
+        loaded = resolve_model(args.model, args.store, args.device)
+    except (FileNotFoundError, CardError) as exc:
+        raise SystemExit(f"erc: {exc}") from None
+    if loaded.source != "store":
+        raise SystemExit("erc: typicality needs a store model (card.json)")
+    if args.action == "fit":
+        card = add_typicality(
+            loaded.path, fit_n=args.fit_n, fpr=args.fpr, device=args.device, data_dir=args.data_dir
+        )
+        t = card.typicality
+        _out(
+            f"{card.name}: typicality fitted on {t['fit_n']} training embeddings; threshold "
+            f"{t['threshold']:.4f} on the Mahalanobis distance flags {100 * t['calibration_flagged']:.1f} % "
+            f"of {t['calibration_n']} held-out clean images (target {100 * t['fpr']:.0f} %)"
+        )
+        return 0
+    from training.card import read_card
+
+    card = read_card(loaded.path)
+    if not card.typicality:
+        raise SystemExit(
+            f"erc: {card.name} has no typicality entry; run `erc typicality fit {card.name}` first"
+        )
+    result = evaluate(
+        loaded.model,
+        Typicality.from_dict(card.typicality),
+        card.dataset,
+        ood=args.ood or None,
+        n=args.n,
+        adv_n=args.adv_n,
+        eps=args.eps,
+        steps=args.steps,
+        lambdas=args.lambdas,
+        data_dir=args.data_dir,
+    )
+    result["model"] = card.name
+    result["weights_sha256"] = card.weights_sha256
+    from training.export import command_line
+
+    result["command"] = command_line()
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    _out(text)
     return 0
 
 
@@ -500,8 +556,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data-dir")
     x.add_argument("--device", default="auto")
     x.add_argument("--notes", default="", help="free text for the card")
+    x.add_argument(
+        "--typicality-fit-n",
+        type=int,
+        default=10000,
+        help="training images for the embedding typicality score (0: none; see erc typicality)",
+    )
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    ty = sub.add_parser(
+        "typicality", help="embedding typicality score: fit it into a store model's card, or measure it"
+    )
+    ty.add_argument("action", choices=["fit", "eval"])
+    ty.add_argument("model", help="model name in the store or a model directory")
+    ty.add_argument("--store", default="model_store")
+    ty.add_argument("--data-dir")
+    ty.add_argument("--device", default="auto")
+    ty.add_argument("--fit-n", type=int, help="fit: training images (default: all)")
+    ty.add_argument("--fpr", type=float, default=0.05, help="fit: false-positive rate of the threshold")
+    ty.add_argument("--n", type=int, default=5000, help="eval: clean test images (the held-out half)")
+    ty.add_argument("--adv-n", type=int, default=500, help="eval: images attacked per eps")
+    ty.add_argument("--eps", type=_floats, default=[0.1, 0.2, 0.3], help="eval: attack radii")
+    ty.add_argument("--steps", type=int, default=40, help="eval: attack steps")
+    ty.add_argument("--lambdas", type=_floats, default=[0.1, 1.0, 10.0], help="eval: adaptive attack weights")
+    ty.add_argument("--ood", default="fashion-mnist", help="eval: out-of-distribution test set ('' for none)")
+    ty.add_argument("--out", help="eval: write the JSON here")
+    ty.set_defaults(func=cmd_typicality)
 
     d = sub.add_parser("intrinsic-dim", help="Levina-Bickel MLE of a dataset's intrinsic dimension (Table 3)")
     d.add_argument("--dataset", default="mnist")

@@ -17,6 +17,8 @@ import torch
 from service.imaging import InputSpec
 from training.card import ModelCard, load_model
 from training.models import EmbeddingClassifier
+from training.typicality import Typicality
+
 
 
 @dataclass
@@ -25,28 +27,59 @@ class Outputs:
     probabilities: np.ndarray  # [N, m] float32
     embedding: np.ndarray  # [N, k] float32
     label: np.ndarray  # [N] int64
+    # Embedding typicality (training.typicality), when the model's card has it; else None.
+    prior_log_density: np.ndarray | None = None  # [N] float32
+    mahalanobis: np.ndarray | None = None  # [N] float32, minimum class-conditional distance
+    atypical: np.ndarray | None = None  # [N] bool, mahalanobis above the card's threshold
 
     def __len__(self) -> int:
         return len(self.label)
 
     def rows(self, start: int, stop: int) -> Outputs:
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[start:stop]
+
         return Outputs(
             self.logits[start:stop],
             self.probabilities[start:stop],
             self.embedding[start:stop],
             self.label[start:stop],
+            cut(self.prior_log_density),
+            cut(self.mahalanobis),
+            cut(self.atypical),
         )
 
     @staticmethod
     def concat(parts: list[Outputs]) -> Outputs:
         if len(parts) == 1:
             return parts[0]
+
+        def cat(name: str) -> np.ndarray | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        def core(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
         return Outputs(
-            *(
-                np.concatenate([getattr(p, f) for p in parts])
-                for f in ("logits", "probabilities", "embedding", "label")
-            )
+            core("logits"),
+            core("probabilities"),
+            core("embedding"),
+            core("label"),
+            cat("prior_log_density"),
+            cat("mahalanobis"),
+            cat("atypical"),
         )
+
+    def typicality(self, i: int) -> dict[str, Any] | None:
+        """Row ``i``'s ``typicality`` object of the JSON answers, or None without a fitted score."""
+        if self.mahalanobis is None or self.prior_log_density is None or self.atypical is None:
+            return None
+        return {
+            "prior_log_density": float(self.prior_log_density[i]),
+            "mahalanobis": float(self.mahalanobis[i]),
+            "atypical": bool(self.atypical[i]),
+        }
 
 
 class InferenceEngine:
@@ -60,6 +93,7 @@ class InferenceEngine:
         # RSE models average noisy passes: their logits come from the ensemble, the embedding
         # from one pass. Deterministic models get both from a single pass.
         self.ensemble = int(getattr(model, "ensemble", 1))
+        self.typicality = Typicality.from_dict(card.typicality) if card.typicality else None
 
     @classmethod
     def from_store(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> InferenceEngine:
@@ -77,12 +111,18 @@ class InferenceEngine:
         z = self.model.forward_features(x)
         logits = self.model.forward_head(z) if self.ensemble == 1 else self.model(x)
         probs = torch.softmax(logits.float(), dim=1)
-        return Outputs(
+        out = Outputs(
             logits.float().cpu().numpy(),
             probs.cpu().numpy(),
             z.float().cpu().numpy(),
             probs.argmax(dim=1).cpu().numpy(),
         )
+        if self.typicality is not None:
+            t = self.typicality.scores(out.embedding)
+            out.prior_log_density = t["prior_log_density"].astype(np.float32)
+            out.mahalanobis = t["mahalanobis"].astype(np.float32)
+            out.atypical = t["atypical"]
+        return out
 
     def warmup(self, batch_sizes: list[int]) -> None:
         for n in batch_sizes:
@@ -106,6 +146,9 @@ def predictions(
             p["probabilities"] = out.probabilities[i]
         if embedding:
             p["embedding"] = out.embedding[i]
+        typicality = out.typicality(i)
+        if typicality is not None:
+            p["typicality"] = typicality
         if extra is not None:
             p.update(extra[i])
         result.append(p)

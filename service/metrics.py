@@ -8,6 +8,8 @@ seconds, open fds), which the benchmarks read.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (
@@ -65,6 +67,29 @@ AUDIT_TIMESTAMP = Gauge(
 )
 AUDITS = Counter("erc_audits_total", "Audits by final status", ["status"])
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
+TYPICALITY_MAHALANOBIS = Histogram(
+    "erc_typicality_mahalanobis",
+    "Minimum class-conditional Mahalanobis distance of each image's embedding (typicality score)",
+    ["model"],
+    buckets=(0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 10, 15, 25, 50),
+)
+ATYPICAL = Counter(
+    "erc_atypical_images_total",
+    "Images whose embedding is atypical (Mahalanobis distance above the card's calibrated threshold)",
+    ["model", "endpoint"],
+)
+
+
+def observe_typicality(model: str, endpoint: str, out: Any) -> None:
+    """Record the typicality scores of one answered batch of rows (``service.inference.Outputs``)."""
+    if out.mahalanobis is None:
+        return
+    hist = TYPICALITY_MAHALANOBIS.labels(model=model)
+    for v in out.mahalanobis:
+        hist.observe(float(v))
+    flagged = int(out.atypical.sum())
+    if flagged:
+        ATYPICAL.labels(model=model, endpoint=endpoint).inc(flagged)
 
 
 def render() -> tuple[bytes, str]:

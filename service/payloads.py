@@ -113,7 +113,7 @@ def predict_body(
 def embed_body(
     model: str, version: str, out: Outputs, embed_dim: int, decoded: list[Decoded], spec: InputSpec
 ) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "model": model,
         "model_version": version,
         "embed_dim": embed_dim,
@@ -121,3 +121,6 @@ def embed_body(
         "inputs": [d.info() for d in decoded],
         "preprocessing": spec.policy,
     }
+    if out.mahalanobis is not None:
+        body["typicality"] = [out.typicality(i) for i in range(len(out))]
+    return body

@@ -38,11 +38,21 @@ class InputInfo(BaseModel):
     resized: bool
 
 
+class TypicalityScore(BaseModel):
+    prior_log_density: float = Field(description="log-density of the embedding under the model's prior")
+    mahalanobis: float = Field(
+        description="smallest Mahalanobis distance to the class-conditional Gaussians of the "
+        "training embeddings"
+    )
+    atypical: bool = Field(description="mahalanobis above the threshold calibrated on held-out clean images")
+
+
 class Prediction(BaseModel):
     label: int
     label_name: str
     probabilities: list[float] | None = None
     embedding: list[float] | None = None
+    typicality: TypicalityScore | None = Field(None, description="present when the model has a fitted score")
     input: InputInfo
 
 
@@ -58,6 +68,9 @@ class EmbedResponse(BaseModel):
     model_version: str
     embed_dim: int
     embeddings: list[list[float]]
+    typicality: list[TypicalityScore] | None = Field(
+        None, description="one per image, for models with a score"
+    )
     inputs: list[InputInfo]
     preprocessing: dict[str, str]
 
@@ -115,7 +128,9 @@ class InferInput(BaseModel):
 
 
 class RequestedOutput(BaseModel):
-    name: Literal["logits", "probabilities", "embedding", "label"]
+    name: Literal[
+        "logits", "probabilities", "embedding", "label", "prior_log_density", "mahalanobis", "atypical"
+    ]
     parameters: dict[str, Any] | None = None
 
 

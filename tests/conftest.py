@@ -71,7 +71,7 @@ def mnist_sample() -> MnistSample:
 # as a subprocess on a free loopback port.
 
 
-def _train_export(root: Path, store: Path, name: str, overrides: dict) -> Path:
+def _train_export(root: Path, store: Path, name: str, overrides: dict, typicality_fit_n: int = 4000) -> Path:
     base = {
         "method.name": "er-minus",
         "data.eval_subset": 200,
@@ -80,17 +80,18 @@ def _train_export(root: Path, store: Path, name: str, overrides: dict) -> Path:
         "run.out_dir": str(root / name),
     }
     run_training(load_config(overrides={**base, **overrides}))
-    return export_run(root / name, name, store, eval_n=200, device="cpu")
+    return export_run(root / name, name, store, eval_n=200, device="cpu", typicality_fit_n=typicality_fit_n)
 
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny`` (slim, trained enough to read digits), ``big`` (paper size, barely trained) and
-    ``broken`` (a copy of tiny whose weights no longer match the card's sha256)."""
+    """``tiny`` (slim, trained enough to read digits, with a fitted typicality score), ``big``
+    (paper size, barely trained, no typicality score) and ``broken`` (a copy of tiny whose weights
+    no longer match the card's sha256)."""
     root = tmp_path_factory.mktemp("runs")
     store = tmp_path_factory.mktemp("store")
     _train_export(root, store, "tiny", {"model.width": 0.25, "data.train_subset": 4000, "run.epochs": 2})
-    _train_export(root, store, "big", {"data.train_subset": 100, "run.epochs": 1})
+    _train_export(root, store, "big", {"data.train_subset": 100, "run.epochs": 1}, typicality_fit_n=0)
     shutil.copytree(store / "tiny", store / "broken")
     weights = store / "broken" / "weights.safetensors"
     data = bytearray(weights.read_bytes())

@@ -60,6 +60,7 @@ class ModelCard:
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    typicality: dict[str, Any] = field(default_factory=dict)  # training.typicality.Typicality.to_dict()
     format: str = CARD_FORMAT
 
     @property

@@ -148,11 +148,15 @@ def export_run(
     data_dir: str | None = None,
     notes: str = "",
     progress: bool = False,
+    typicality_fit_n: int | None = 10000,
+    typicality_fpr: float = 0.05,
 ) -> Path:
     """Write ``store/name/`` from the run's checkpoint and measure its card metrics.
 
     Clean test accuracy is always measured (on ``eval_n`` test images, all when None); with
     ``robust_steps > 0`` also PGD robust accuracy at ``robust_eps`` (default: the training eps).
+    The embedding typicality score (:mod:`training.typicality`) is fitted on ``typicality_fit_n``
+    training images (0: not at all; None: all) and calibrated to ``typicality_fpr``.
     """
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT)
@@ -192,6 +196,8 @@ def export_run(
             stored, info.name, eps_list, spec, n=eval_n, data_dir=data_dir, progress=progress, model_name=name
         )
         card.metrics = curve_metrics(curve, info.name, f"stored weights ({dtype})", sha)
+        if typicality_fit_n != 0:
+            card.typicality = fit_typicality(stored, card, typicality_fit_n, typicality_fpr, data_dir)
         return stage.commit(card)
     except BaseException:
         stage.abort()
@@ -213,6 +219,34 @@ def _training_summary(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
         "last_epoch": lines[-1] if lines else None,
         "versions": state.get("versions", {}),
     }
+
+
+def fit_typicality(
+    model: EmbeddingClassifier, card: ModelCard, fit_n: int | None, fpr: float, data_dir: str | None
+) -> dict[str, Any]:
+    """The card's ``typicality`` entry for ``model`` (the stored weights)."""
+    from training.typicality import fit_for_model
+
+    typ = fit_for_model(
+        model, card.dataset, card.prior, card.num_classes, fit_n=fit_n, fpr=fpr, data_dir=data_dir
+    )
+    return typ.to_dict()
+
+
+def add_typicality(
+    model_dir: str | os.PathLike[str],
+    *,
+    fit_n: int | None = None,
+    fpr: float = 0.05,
+    device: str = "auto",
+    data_dir: str | None = None,
+) -> ModelCard:
+    """Fit (or refit) the typicality score of a store model and rewrite its card atomically; the
+    weights are not touched."""
+    model, card = load_model(model_dir, pick_device(device))
+    card.typicality = fit_typicality(model, card, fit_n, fpr, data_dir)
+    write_card(model_dir, card)
+    return card
 
 
 def append_card_metrics(model_dir: str | os.PathLike[str], metrics: list[dict[str, Any]]) -> ModelCard:

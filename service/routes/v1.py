@@ -73,6 +73,7 @@ async def predict(name: str, request: Request) -> Response:
     model, out, decoded, options = await _run(request, name)
     assert model.card is not None and model.engine is not None
     metrics.IMAGES.labels(model=model.name, endpoint="predict").inc(len(out))
+    metrics.observe_typicality(model.name, "predict", out)
     spec = model.engine.spec
     return json_response(
         predict_body(model.name, model.version, out, model.card.label_names, decoded, options, spec)
@@ -90,6 +91,7 @@ async def embed(name: str, request: Request) -> Response:
     model, out, decoded, _ = await _run(request, name)
     assert model.card is not None and model.engine is not None
     metrics.IMAGES.labels(model=model.name, endpoint="embed").inc(len(out))
+    metrics.observe_typicality(model.name, "embed", out)
     return json_response(
         embed_body(model.name, model.version, out, model.card.embed_dim, decoded, model.engine.spec)
     )

@@ -2,8 +2,10 @@
 
 Inputs: one tensor, either ``FP32`` ``[N, C, H, W]`` (or ``[C, H, W]``) with values in [0, 1], or
 ``BYTES`` ``[N]`` holding base64-encoded image files. Outputs: ``logits`` and ``probabilities``
-(FP32 ``[N, m]``), ``embedding`` (FP32 ``[N, k]``), ``label`` (INT64 ``[N]``); a request may name
-the subset it wants. The model version is the first 12 hex digits of the weights' sha256.
+(FP32 ``[N, m]``), ``embedding`` (FP32 ``[N, k]``), ``label`` (INT64 ``[N]``) and, for models whose
+card has a fitted typicality score, ``prior_log_density`` and ``mahalanobis`` (FP32 ``[N]``) and
+``atypical`` (BOOL ``[N]``); a request may name the subset it wants. The model version is the first
+12 hex digits of the weights' sha256.
 
 Deviation from the protocol text: errors use the service-wide ``{"error": {"code", "message"}}``
 body rather than ``{"error": "message"}``.
@@ -35,6 +37,7 @@ from service.schemas import (
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 
 OUTPUTS = ("logits", "probabilities", "embedding", "label")
+TYPICALITY_OUTPUTS = ("prior_log_density", "mahalanobis", "atypical")
 INFER_DOC: dict[str, Any] = {
     "response_model": InferResponse,
     "responses": error_responses(400, 404, 413, 422, 503),
@@ -93,6 +96,15 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, m]},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
             {"name": "label", "datatype": "INT64", "shape": [-1]},
+            *(
+                [
+                    {"name": "prior_log_density", "datatype": "FP32", "shape": [-1]},
+                    {"name": "mahalanobis", "datatype": "FP32", "shape": [-1]},
+                    {"name": "atypical", "datatype": "BOOL", "shape": [-1]},
+                ]
+                if card.typicality
+                else []
+            ),
         ],
     }
 
@@ -146,7 +158,7 @@ async def _infer(request: Request, model: ServedModel) -> Response:
         for key in ("name", "shape", "datatype", "data"):
             if key not in tensor:
                 raise InvalidInput(f'inputs[0] lacks "{key}"')
-        wanted = _requested_outputs(doc.get("outputs"))
+        wanted = _requested_outputs(doc.get("outputs"), typicality=model.engine.typicality is not None)
         datatype = tensor["datatype"]
         if datatype == "FP32":
             from service.imaging import tensor_from_values
@@ -158,12 +170,16 @@ async def _infer(request: Request, model: ServedModel) -> Response:
             raise InvalidInput(f"inputs[0].datatype {datatype!r} is not accepted; use FP32 or BYTES")
     out = await model.batcher.submit(x)
     metrics.IMAGES.labels(model=model.name, endpoint="infer").inc(len(out))
+    metrics.observe_typicality(model.name, "infer", out)
     n = len(out)
-    arrays = {
+    arrays: dict[str, tuple[str, Any]] = {
         "logits": ("FP32", out.logits),
         "probabilities": ("FP32", out.probabilities),
         "embedding": ("FP32", out.embedding),
         "label": ("INT64", out.label),
+        "prior_log_density": ("FP32", out.prior_log_density),
+        "mahalanobis": ("FP32", out.mahalanobis),
+        "atypical": ("BOOL", out.atypical),
     }
     outputs = []
     for name in wanted:
@@ -177,16 +193,18 @@ async def _infer(request: Request, model: ServedModel) -> Response:
     return json_response(response)
 
 
-def _requested_outputs(requested: Any) -> list[str]:
+def _requested_outputs(requested: Any, *, typicality: bool) -> list[str]:
+    known = OUTPUTS + TYPICALITY_OUTPUTS if typicality else OUTPUTS
     if requested is None:
-        return list(OUTPUTS)
+        return list(known)
     if not isinstance(requested, list) or not requested:
         raise InvalidInput('"outputs" must be a non-empty list of {"name": ...} objects')
-    names = []
+    names: list[str] = []
     for i, o in enumerate(requested):
         name = o.get("name") if isinstance(o, dict) else None
-        if name not in OUTPUTS:
-            raise InvalidInput(f"outputs[{i}]: unknown output {name!r}; known: {', '.join(OUTPUTS)}")
+        if not isinstance(name, str) or name not in known:
+            extra = " (this model has no fitted typicality score)" if name in TYPICALITY_OUTPUTS else ""
+            raise InvalidInput(f"outputs[{i}]: unknown output {name!r}{extra}; known: {', '.join(known)}")
         names.append(name)
     return names
 

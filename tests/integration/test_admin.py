@@ -41,6 +41,15 @@ def admin_server(model_store, tmp_path_factory, start_server_fn):
     assert srv.stop(), srv.log.read_text()[-3000:]
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    """A child's command line; a finished audit's process may linger as a zombie (or be gone)
+    until its job thread joins it."""
+    try:
+        return p.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return []
+
+
 def _wait(c: httpx.Client, audit_id: str, until: tuple[str, ...], timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     while True:
@@ -249,8 +258,8 @@ def test_cancel_queue_and_prediction_traffic_during_an_audit(admin_server, mnist
         assert progress["stage"] == "PGD-200" and progress["remaining_s"] > 0
         # ... and the audit process runs under SCHED_IDLE at nice 10 (the defaults).
         children = psutil.Process(admin_server.proc.pid).children(recursive=True)
-        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
-        assert workers, [p.cmdline() for p in children]
+        workers = [p for p in children if "spawn_main" in " ".join(_cmdline(p))]
+        assert workers, [_cmdline(p) for p in children]
         assert all(p.nice() == 10 for p in workers)
         assert all(os.sched_getscheduler(p.pid) == os.SCHED_IDLE for p in workers)
 

@@ -17,10 +17,17 @@ import torch
 from PIL import Image
 
 from training.card import load_model
+from training.typicality import Typicality
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,23 @@ def reference(model_store: Path, mnist_sample):
     with torch.no_grad():
         z = model.forward_features(x)
         logits = model.forward_head(z)
-    return {"logits": logits.numpy(), "embedding": z.numpy(), "label": logits.argmax(1).numpy(), "card": card}
+    typicality = Typicality.from_dict(card.typicality).scores(z)
+    return {
+        "logits": logits.numpy(),
+        "embedding": z.numpy(),
+        "label": logits.argmax(1).numpy(),
+        "card": card,
+        "typicality": typicality,
+    }
+
+
+def _same_typicality(got: dict, reference: dict, i: int) -> bool:
+    t = reference["typicality"]
+    return (
+        got["prior_log_density"] == pytest.approx(float(t["prior_log_density"][i]), abs=1e-3)
+        and got["mahalanobis"] == pytest.approx(float(t["mahalanobis"][i]), abs=1e-3)
+        and got["atypical"] == bool(t["atypical"][i])
+    )
 
 
 # -- health, listing, cards -----------------------------------------------------------------------
@@ -76,10 +99,11 @@ def test_predict_json_matches_the_model_in_process(server, mnist_sample, referen
     preds = doc["predictions"]
     assert [p["label"] for p in preds] == reference["label"][:n].tolist()
     assert [p["label_name"] for p in preds] == [str(v) for v in reference["label"][:n]]
-    for p, emb in zip(preds, reference["embedding"][:n], strict=True):
+    for i, (p, emb) in enumerate(zip(preds, reference["embedding"][:n], strict=True)):
         assert sum(p["probabilities"]) == pytest.approx(1.0, abs=1e-5)
         assert np.allclose(p["embedding"], emb, atol=1e-5)
         assert p["input"] == {"format": "PNG", "mode": "L", "original_size": [28, 28], "resized": False}
+        assert _same_typicality(p["typicality"], reference, i), (p["typicality"], i)
 
 
 def test_the_served_model_reads_real_digits(server, mnist_sample) -> None:
@@ -125,6 +149,42 @@ def test_embed(server, mnist_sample, reference) -> None:
     doc = r.json()
     assert doc["embed_dim"] == 4 and len(doc["embeddings"]) == 5 and len(doc["inputs"]) == 5
     assert np.allclose(doc["embeddings"], reference["embedding"][:5], atol=1e-5)
+    assert all(_same_typicality(t, reference, i) for i, t in enumerate(doc["typicality"]))
+
+
+def test_typicality_flags_what_is_far_from_the_training_embeddings(server, mnist_sample, reference) -> None:
+    """Clean digits are mostly typical (the threshold was calibrated to flag 5 % of held-out clean
+    images); a blank and a noise image are not digits; a model without a fitted score answers
+    without the field."""
+    card = reference["card"].typicality
+    assert 0.0 < card["calibration_flagged"] <= 0.06 and card["fpr"] == 0.05
+    rng = np.random.default_rng(0)
+    blank = np.zeros((28, 28), np.uint8)
+    noise = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    odd = [png(blank), png(noise)]
+    with server.client() as c:
+        digits = [
+            p
+            for i in range(0, 64, 8)
+            for p in c.post(
+                "/v1/models/tiny:predict",
+                json={"instances": [{"b64": b64(q)} for q in mnist_sample.pngs[i : i + 8]]},
+            ).json()["predictions"]
+        ]
+        strange = c.post("/v1/models/tiny:predict", json={"instances": [{"b64": b64(p)} for p in odd]})
+        big = c.post(
+            "/v1/models/big:predict", content=mnist_sample.pngs[0], headers={"content-type": "image/png"}
+        )
+        big_embed = c.post(
+            "/v1/models/big:embed", content=mnist_sample.pngs[0], headers={"content-type": "image/png"}
+        )
+    flagged = np.mean([p["typicality"]["atypical"] for p in digits])
+    assert flagged <= 0.2, flagged
+    dist = [p["typicality"]["mahalanobis"] for p in strange.json()["predictions"]]
+    typical = np.median([p["typicality"]["mahalanobis"] for p in digits])
+    assert min(dist) > typical, (dist, typical)
+    assert big.status_code == 200 and "typicality" not in big.json()["predictions"][0]
+    assert big_embed.status_code == 200 and "typicality" not in big_embed.json()
 
 
 def test_resizing_colour_and_exif_are_applied_and_reported(server, mnist_sample, reference) -> None:
@@ -165,7 +225,12 @@ def test_v2_metadata_and_health(server, reference) -> None:
             "probabilities": [-1, 10],
             "embedding": [-1, 4],
             "label": [-1],
+            "prior_log_density": [-1],
+            "mahalanobis": [-1],
+            "atypical": [-1],
         }
+        big = {o["name"] for o in c.get("/v2/models/big").json()["outputs"]}
+        assert big == {"logits", "probabilities", "embedding", "label"}
         assert c.get(f"/v2/models/tiny/versions/{version}").status_code == 200
         assert c.get("/v2/models/tiny/versions/000000000000").status_code == 404
         assert c.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
@@ -193,12 +258,21 @@ def test_v2_infer_fp32_and_bytes(server, mnist_sample, reference) -> None:
         assert np.allclose(
             np.array(out["embedding"]["data"]).reshape(4, 4), reference["embedding"][:4], atol=1e-5
         )
+        assert out["atypical"]["datatype"] == "BOOL" and out["mahalanobis"]["shape"] == [4]
+        assert out["atypical"]["data"] == reference["typicality"]["atypical"][:4].tolist()
+        assert np.allclose(out["mahalanobis"]["data"], reference["typicality"]["mahalanobis"][:4], atol=1e-3)
+        assert np.allclose(
+            out["prior_log_density"]["data"], reference["typicality"]["prior_log_density"][:4], atol=1e-3
+        )
         nested = {
             "inputs": [{"name": "input", "shape": [4, 1, 28, 28], "datatype": "FP32", "data": x.tolist()}],
             "outputs": [{"name": "label"}],
         }
         r = c.post("/v2/models/tiny/infer", json=nested)
         assert [o["name"] for o in r.json()["outputs"]] == ["label"]
+        nested["outputs"] = [{"name": "atypical"}]
+        r = c.post("/v2/models/big/infer", json=nested)
+        assert r.status_code == 422 and "no fitted typicality score" in r.json()["error"]["message"]
         bytes_body = {
             "inputs": [
                 {
@@ -463,6 +537,8 @@ def test_metrics(server, mnist_sample) -> None:
     assert 'erc_model_ready{model="tiny"} 1.0' in text and 'erc_model_ready{model="broken"} 0.0' in text
     assert 'erc_model_info{arch="er_mnist"' in text and 'version="' in text
     assert "process_resident_memory_bytes" in text
+    assert 'erc_typicality_mahalanobis_count{model="tiny"}' in text
+    assert 'erc_typicality_mahalanobis_count{model="big"}' not in text
     assert "/v1/models/nope" not in text, "labels use route templates, never raw paths"
 
 

@@ -1,0 +1,146 @@
+"""Embedding typicality: the fit recovers class-conditional Gaussians, the threshold flags the
+calibrated share of held-out clean points, AUROC is the Mann-Whitney statistic, the card round
+trip keeps every score, and export / ``erc typicality fit`` store it without touching the weights."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.card import read_card, sha256_file
+from training.config import load_config
+from training.export import add_typicality, export_run
+from training.train import run_training
+from training.typicality import (
+    Typicality,
+    adaptive_pgd,
+    auroc,
+    calibration_split,
+    fit,
+    tpr_at_fpr,
+)
+
+
+def _clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian classes in 2-D with known means and (diagonal) covariances."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    means = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    scales = torch.tensor([[1.0, 0.5], [0.5, 2.0], [1.0, 1.0]])
+    z = means[y] + torch.randn(n, 2, generator=gen) * scales[y]
+    return z, y
+
+
+def test_fit_recovers_the_classes_and_calibrates_the_threshold() -> None:
+    z, y = _clusters(6000, 0)
+    z_cal, _ = _clusters(4000, 1)
+    typ = fit(z, y, z_cal, num_classes=3, prior="gaussian", fpr=0.05)
+    assert np.allclose(typ.means, [[0, 0], [6, 0], [0, 6]], atol=0.1)
+    assert np.allclose(
+        np.diagonal(typ.covariances, axis1=1, axis2=2), [[1, 0.25], [0.25, 4], [1, 1]], rtol=0.1
+    )
+    assert typ.info["calibration_flagged"] == pytest.approx(0.05, abs=0.002)
+    # Held-out points from the same distribution: about 5 % flagged.
+    z_new, _ = _clusters(4000, 2)
+    assert typ.scores(z_new)["atypical"].mean() == pytest.approx(0.05, abs=0.015)
+    # The distance is the class-conditional one: (3, 0) is 3 sd from class 0 along x, 6 along x
+    # from class 1 (sd 0.5), so min = 3; far away is atypical.
+    s = typ.scores(torch.tensor([[3.0, 0.0], [30.0, 30.0]]))
+    assert s["mahalanobis"][0] == pytest.approx(3.0, rel=0.05)
+    assert s["atypical"][1]
+    # Prior log-density of N(0, I) at the origin in 2-D: -log(2 pi).
+    assert typ.scores(torch.zeros(1, 2))["prior_log_density"][0] == pytest.approx(-math.log(2 * math.pi))
+
+
+def test_card_round_trip_keeps_every_score() -> None:
+    z, y = _clusters(3000, 0)
+    typ = fit(z, y, z[:500], num_classes=3, prior="cauchy", fpr=0.1, info={"seed": 0})
+    back = Typicality.from_dict(typ.to_dict())
+    probe = torch.randn(50, 2) * 4
+    a, b = typ.scores(probe), back.scores(probe)
+    assert np.allclose(a["mahalanobis"], b["mahalanobis"], rtol=1e-4, atol=1e-4)
+    assert np.array_equal(a["atypical"], b["atypical"]) and back.prior == "cauchy" and back.fpr == 0.1
+    assert back.info["seed"] == 0 and back.info["fit_n"] == 3000
+    bad = typ.to_dict()
+    bad["class_covariances"] = bad["class_covariances"][:2]
+    with pytest.raises(ValueError, match="disagree"):
+        Typicality.from_dict(bad)
+    with pytest.raises(ValueError, match="fpr"):
+        fit(z, y, z, num_classes=3, prior="gaussian", fpr=1.5)
+    with pytest.raises(ValueError, match="class 3"):
+        fit(z, y, z, num_classes=4, prior="gaussian")
+
+
+def test_auroc_is_the_mann_whitney_statistic() -> None:
+    assert auroc([0, 1, 2], [3, 4]) == 1.0 and auroc([3, 4], [0, 1, 2]) == 0.0
+    assert auroc([1, 1], [1, 1]) == 0.5
+    rng = np.random.default_rng(0)
+    neg, pos = rng.integers(0, 10, 40), rng.integers(3, 13, 30)  # many ties
+    pairs = [(1.0 if p > q else 0.5 if p == q else 0.0) for p, q in itertools.product(pos, neg)]
+    assert auroc(neg, pos) == pytest.approx(float(np.mean(pairs)))
+    assert math.isnan(auroc([], [1.0]))
+    tpr, t = tpr_at_fpr(np.arange(100.0), np.array([50.0, 96.0, 99.5]), fpr=0.05)
+    assert t == 95.0 and tpr == pytest.approx(2 / 3)
+
+
+def test_calibration_split_is_two_disjoint_seeded_halves() -> None:
+    a, b = calibration_split(10, seed=3)
+    assert len(a) == len(b) == 5 and not set(a.tolist()) & set(b.tolist())
+    assert torch.equal(calibration_split(10, seed=3)[0], a)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "m"
+    overrides = {
+        "method.name": "er-minus",
+        "model.width": 0.125,
+        "data.train_subset": 1000,
+        "data.eval_subset": 100,
+        "data.batch_size": 50,
+        "run.epochs": 1,
+        "run.progress": False,
+        "run.out_dir": str(out),
+    }
+    run_training(load_config(overrides=overrides))
+    return out
+
+
+def test_export_fits_it_and_refit_leaves_the_weights_alone(run_dir: Path, tmp_path: Path) -> None:
+    path = export_run(run_dir, "m", tmp_path, eval_n=100, device="cpu", typicality_fit_n=1000)
+    card = read_card(path)
+    t = card.typicality
+    assert t["fit_n"] == 1000 and t["calibration_n"] == 5000 and t["prior"] == "gaussian"
+    assert len(t["class_means"]) == 10 and len(t["class_means"][0]) == card.embed_dim
+    assert 0.04 <= t["calibration_flagged"] <= 0.06
+    assert "other half is held out" in t["calibration_data"]
+    sha = sha256_file(path / "weights.safetensors")
+    refit = add_typicality(path, fit_n=500, fpr=0.2, device="cpu")
+    assert refit.typicality["fit_n"] == 500 and refit.typicality["fpr"] == 0.2
+    assert sha256_file(path / "weights.safetensors") == sha == read_card(path).weights_sha256
+    none = export_run(run_dir, "n", tmp_path, eval_n=100, device="cpu", typicality_fit_n=0)
+    assert read_card(none).typicality == {}
+
+
+def test_adaptive_attack_stays_in_the_ball(run_dir: Path, tmp_path: Path) -> None:
+    from training.card import load_model
+    from training.data import load_split
+    from training.evaluate import to_unit
+
+    path = export_run(run_dir, "m", tmp_path, eval_n=100, device="cpu", typicality_fit_n=1000)
+    model, card = load_model(path, torch.device("cpu"))
+    typ = Typicality.from_dict(card.typicality)
+    test = load_split("mnist", "test", n=16, seed=0)
+    x = to_unit(test.images, torch.device("cpu"))
+    model.train()
+    adv = adaptive_pgd(
+        model, typ, x, test.labels, eps=0.1, steps=5, lam=10.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert model.training, "the attack restores the model's mode"
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert all(p.grad is None for p in model.parameters())
