@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,69 +366,47 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(seed)
     x_adv_src = to_unit(x_all[:adv_n], device)
     y_adv = y_all[:adv_n].to(device)
-    result["pgd"] = []
-    for e in eps:
+
+    def attacked(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **about: Any) -> dict[str, Any]:
+        """Scores of the attacked images (in batches) against the clean ones, with ``about``."""
         adv = torch.cat(
             [
-                pgd(
-                    model,
-                    x_adv_src[s : s + batch_size],
-                    y_adv[s : s + batch_size],
-                    eps=e,
-                    steps=steps,
-                    keep_best=False,
-                    generator=gen,
-                )
+                run(x_adv_src[s : s + batch_size], y_adv[s : s + batch_size])
                 for s in range(0, adv_n, batch_size)
             ]
         )
         sc = scores_of(adv)
         fooled = sc["pred"] != y_adv.cpu().numpy()
-        result["pgd"].append(
-            {
-                "eps": e,
-                "attack": f"PGD-{steps} l_inf CE, random start, last iterate",
-                "fooled": round(float(fooled.mean()), 4),
-                "all_attacked": _rates(clean, sc, typ.threshold, fpr),
-                "fooled_only": _rates(clean, _subset(sc, fooled), typ.threshold, fpr)
-                if fooled.any()
-                else None,
-            }
+        unflagged = sc["mahalanobis"] <= typ.threshold
+        return {
+            **about,
+            "fooled": round(float(fooled.mean()), 4),
+            "fooled_and_not_flagged": round(float((fooled & unflagged).mean()), 4),
+            "all_attacked": _rates(clean, sc, typ.threshold, fpr),
+            "fooled_only": _rates(clean, _subset(sc, fooled), typ.threshold, fpr) if fooled.any() else None,
+        }
+
+    Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def plain(e: float) -> Attack:
+        return lambda x, y: pgd(model, x, y, eps=e, steps=steps, keep_best=False, generator=gen)
+
+    def adaptive(e: float, lam: float) -> Attack:
+        return lambda x, y: adaptive_pgd(model, typ, x, y, eps=e, steps=steps, lam=lam, generator=gen)
+
+    result["pgd"] = [
+        attacked(plain(e), eps=e, attack=f"PGD-{steps} l_inf CE, random start, last iterate") for e in eps
+    ]
+    result["adaptive"] = [
+        attacked(
+            adaptive(e, lam),
+            eps=e,
+            attack=f"PGD-{steps} l_inf on CE - lambda * mahalanobis, random start, last iterate",
+            **{"lambda": lam},
         )
-    result["adaptive"] = []
-    for e in eps:
-        for lam in lambdas:
-            adv = torch.cat(
-                [
-                    adaptive_pgd(
-                        model,
-                        typ,
-                        x_adv_src[s : s + batch_size],
-                        y_adv[s : s + batch_size],
-                        eps=e,
-                        steps=steps,
-                        lam=lam,
-                        generator=gen,
-                    )
-                    for s in range(0, adv_n, batch_size)
-                ]
-            )
-            sc = scores_of(adv)
-            fooled = sc["pred"] != y_adv.cpu().numpy()
-            unflagged = sc["mahalanobis"] <= typ.threshold
-            result["adaptive"].append(
-                {
-                    "eps": e,
-                    "lambda": lam,
-                    "attack": f"PGD-{steps} l_inf on CE - lambda * mahalanobis, random start, last iterate",
-                    "fooled": round(float(fooled.mean()), 4),
-                    "fooled_and_not_flagged": round(float((fooled & unflagged).mean()), 4),
-                    "all_attacked": _rates(clean, sc, typ.threshold, fpr),
-                    "fooled_only": _rates(clean, _subset(sc, fooled), typ.threshold, fpr)
-                    if fooled.any()
-                    else None,
-                }
-            )
+        for e in eps
+        for lam in lambdas
+    ]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["adv_n"] = int(min(adv_n, len(eval_idx)))
     return result

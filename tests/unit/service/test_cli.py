@@ -156,6 +156,35 @@ def test_train_eval_export_end_to_end(erc_env: dict, tmp_path: Path) -> None:
         res = _erc(["eval", "tiny", *store, *bad], erc_env, tmp_path)
         assert res.returncode != 0 and "does not go with" in res.stderr
 
+    # Typicality: refit into the card, then measure it (tiny budgets: this checks the plumbing).
+    where = ["--store", str(tmp_path / "store")]
+    res = _erc(["typicality", "fit", "tiny", *where, "--fit-n", "500", "--fpr", "0.1"], erc_env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fitted on 500 training embeddings" in res.stdout
+    assert json.loads((tmp_path / "store" / "tiny" / "card.json").read_text())["typicality"]["fpr"] == 0.1
+    out = tmp_path / "typ.json"
+    args = [
+        "--n",
+        "200",
+        "--adv-n",
+        "10",
+        "--steps",
+        "2",
+        "--eps",
+        "0.3",
+        "--lambdas",
+        "1",
+        "--out",
+        str(out),
+    ]
+    res = _erc(["typicality", "eval", "tiny", *where, *args], erc_env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["ood"]["dataset"] == "fashion-mnist test" and doc["ood"]["n"] == 200
+    assert 0 <= doc["ood"]["mahalanobis"]["auroc"] <= 1 and 0 <= doc["measured_fpr_of_served_threshold"] <= 1
+    assert [r["eps"] for r in doc["pgd"]] == [0.3] and doc["adaptive"][0]["lambda"] == 1.0
+    assert doc["adaptive"][0]["all_attacked"]["n"] == 10
+
 
 def test_intrinsic_dim_of_mnist_is_near_table_3(erc_env: dict, tmp_path: Path) -> None:
     out = tmp_path / "id.json"
