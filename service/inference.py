@@ -20,7 +20,6 @@ from training.models import EmbeddingClassifier
 from training.typicality import Typicality
 
 
-
 @dataclass
 class Outputs:
     logits: np.ndarray  # [N, m] float32
