@@ -1,5 +1,5 @@
-"""APGD (Croce & Hein, 2020): the paper's checkpoint schedule, the attack contract (ball, box, per-sample
-eps, seeds, mode and parameters untouched, autocast), the DLR loss, and strength against PGD and
+"""APGD (Croce & Hein, 2020): the paper's checkpoint schedule, ball, box and autocast (per-sample eps,
+seeds and untouched mode: test_attack_contract.py), the DLR loss, and strength against PGD and
 FGSM on undefended models."""
 
 from __future__ import annotations
@@ -50,40 +50,6 @@ def test_stays_in_ball_and_box(tiny_cnn, norm: str, eps: float, loss: str, resta
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert (get_step(norm).distance(x_adv, x) <= eps + 1e-5).all()
-
-
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_per_sample_eps(tiny_cnn, norm: str, batch) -> None:
-    model = tiny_cnn().eval()
-    x, y = batch
-    eps = torch.linspace(0.0, 0.3, len(x))
-    x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=8)
-    dist = get_step(norm).distance(x_adv, x)
-    assert (dist <= eps + 1e-5).all()
-    assert torch.equal(x_adv[0], x[0]), "eps 0 must leave the image unchanged"
-    with pytest.raises(ValueError, match="shape"):
-        apgd(model, x, y, eps=torch.ones(3), steps=1)
-
-
-def test_reproducible_with_a_generator(tiny_cnn, batch) -> None:
-    model = tiny_cnn().eval()
-    x, y = batch
-
-    def run(seed: int) -> torch.Tensor:
-        return apgd(model, x, y, eps=0.1, steps=6, generator=torch.Generator().manual_seed(seed))
-
-    assert torch.equal(run(5), run(5))
-    assert not torch.equal(run(5), run(6))
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(tiny_cnn, untouched, mode: str, batch) -> None:
-    model = tiny_cnn()
-    model.train(mode == "train")
-    x, y = batch
-    with untouched(model):
-        apgd(model, x, y, eps=0.1, steps=5, restarts=2)
-        apgd(model, x, y, eps=0.5, norm="l2", steps=5, loss="dlr")
 
 
 def test_runs_under_a_callers_autocast(tiny_cnn, batch) -> None:

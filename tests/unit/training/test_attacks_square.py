@@ -1,6 +1,6 @@
 """Square Attack (l_inf): black-box (no gradients, ever), the query budget, the paper's p schedule and
-stripes start, a margin that only goes down, and the attack contract (ball, box, per-sample eps,
-seeds, mode and parameters untouched)."""
+stripes start, a margin that only goes down, ball and box (per-sample eps, seeds and untouched
+mode: test_attack_contract.py)."""
 
 from __future__ import annotations
 
@@ -95,29 +95,6 @@ def test_query_budget(separable) -> None:
     assert counted.rows < 0.5 * len(x_sep) * 200
 
 
-def test_per_sample_eps(tiny_cnn, batch) -> None:
-    model = tiny_cnn().eval()
-    x, y = batch
-    eps = torch.linspace(0.0, 0.2, len(x))
-    x_adv = square_linf(model, x, y, eps=eps, queries=30)
-    dist = (x_adv - x).abs().amax(dim=(1, 2, 3))
-    assert (dist <= eps + 1e-6).all()
-    assert torch.equal(x_adv[0], x[0]), "eps 0 must leave the image unchanged"
-    with pytest.raises(ValueError, match="shape"):
-        square_linf(model, x, y, eps=torch.ones(3), queries=10)
-
-
-def test_reproducible_with_a_generator(tiny_cnn, batch) -> None:
-    model = tiny_cnn().eval()
-    x, y = batch
-
-    def run(seed: int) -> torch.Tensor:
-        return square_linf(model, x, y, eps=0.05, queries=20, generator=torch.Generator().manual_seed(seed))
-
-    assert torch.equal(run(3), run(3))
-    assert not torch.equal(run(3), run(4))
-
-
 def test_margin_only_goes_down(tiny_cnn, batch) -> None:
     model = tiny_cnn(2).eval()
     x, y = batch
@@ -145,15 +122,6 @@ def test_breaks_an_undefended_model(separable, robust) -> None:
     assert robust(model, square_linf(model, x, y, eps=0.3, queries=200, loss="ce"), y) <= 0.1
     # Small eps leaves most predictions alone.
     assert robust(model, square_linf(model, x, y, eps=0.01, queries=200), y) >= 0.9
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_leaves_mode_and_parameters_untouched(tiny_cnn, untouched, mode: str, batch) -> None:
-    model = tiny_cnn()
-    model.train(mode == "train")
-    x, y = batch
-    with untouched(model):
-        square_linf(model, x, y, eps=0.1, queries=10, restarts=2)
 
 
 def test_validation(tiny_cnn, batch) -> None:
