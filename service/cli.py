@@ -519,7 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--store", default="model_store", help="model store folder")
     e.add_argument("--dataset", help="evaluate on this dataset's test split (default: the model's)")
     e.add_argument("--data-dir")
-    e.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "apgd"])
+    e.add_argument(
+        "--attack",
+        default="pgd",
+        choices=["pgd", "fgsm", "apgd", "square"],
+        help="square: --steps are queries",
+    )
     e.add_argument("--norm", default="linf", choices=["linf", "l2"])
     e.add_argument("--eps", type=_floats, help="comma-separated radii (default: 0 and the training eps)")
     e.add_argument("--steps", type=int, default=40)

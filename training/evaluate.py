@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.attacks import apgd, pgd
+from training.attacks import apgd, pgd, square_linf
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -71,6 +71,11 @@ class AttackSpec:
             return (
                 f"APGD-{self.loss.upper()}-{self.steps} {self.norm}, {self.restarts} restart(s), "
                 "step 2*eps halved at Croce & Hein's checkpoints"
+            )
+        if self.name == "square":
+            return (
+                f"Square Attack {self.norm}, {self.steps} queries, {self.restarts} restart(s), "
+                f"{self.loss} loss (score-based, no gradients)"
             )
         step = "2.5*eps/steps" if self.alpha is None else f"{self.alpha:g}"
         return (
@@ -164,8 +169,19 @@ def robust_flags(
             loss=spec.loss,
             generator=generator,
         )
+    elif spec.name == "square":
+        x_adv = square_linf(
+            model,
+            x[idx],
+            y[idx],
+            eps=eps,
+            queries=spec.steps,
+            restarts=spec.restarts,
+            loss=spec.loss,
+            generator=generator,
+        )
     else:
-        raise KeyError(f"unknown attack {spec.name!r} for robust_flags; known: pgd, fgsm, apgd")
+        raise KeyError(f"unknown attack {spec.name!r} for robust_flags; known: pgd, fgsm, apgd, square")
     with torch.no_grad():
         survived = model(x_adv).argmax(1) == y[idx]
     out = torch.zeros_like(correct)

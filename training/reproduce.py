@@ -49,7 +49,8 @@ MAIN_NAME = "mnist-er"
 # -- the plan -------------------------------------------------------------------------------------
 @dataclass
 class EvalJob:
-    """One robust-accuracy curve: ``attack`` (pgd/apgd/square) at ``eps`` on ``n`` test images."""
+    """One robust-accuracy curve: ``attack`` (pgd/apgd/square) at ``eps`` on ``n`` test images;
+    ``steps`` are Square's queries."""
 
     tag: str
     attack: str
@@ -218,7 +219,7 @@ def plan(scale: Scale, main_epochs: int | None = None, init_from: str | None = N
             sized(apgd, s.full_n, eps=[0.0, 0.3]),
             sized(strong, s.figure_n, tag="pgd100x5", eps=[0.0, 0.1, 0.2, 0.4]),
             sized(apgd, s.figure_n, tag="apgd-ce-all", eps=[0.0, 0.1, 0.2, 0.4]),
-            EvalJob("square", "square", [0.0, 0.3], s.square_n, s.square_queries),
+            EvalJob("square", "square", [0.0, 0.3], s.square_n, s.square_queries, loss="margin"),
             EvalJob("apgd-dlr", "apgd", [0.0, 0.3], s.figure_n, s.apgd_steps, loss="dlr"),
             sized(figure, s.figure_n),
         ],
@@ -448,74 +449,22 @@ def _evaluate(
     device = next(model.parameters()).device
     t0 = time.time()
     try:
-        if ev.attack == "square":
-            result = _square_curve(model, test.images, test.labels, ev, device)
-        else:
-            result = robust_curve(
-                model,
-                test.images,
-                test.labels,
-                ev.eps,
-                ev.spec(),
-                batch_size=ev.batch_size,
-                device=device,
-                seed=0,
-                model_name=job,
-            ).to_dict()
+        result = robust_curve(
+            model,
+            test.images,
+            test.labels,
+            ev.eps,
+            ev.spec(),
+            batch_size=ev.batch_size,
+            device=device,
+            seed=0,
+            model_name=job,
+        ).to_dict()
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - GPU only
         return {"status": "failed", "reason": repr(exc), **asdict(ev)}
     out = {"status": "done", "seconds": round(time.time() - t0, 1), "command": ev.command(model_ref)}
     out.update(result)
     return out
-
-
-def _square_curve(model: Any, images: Any, labels: Any, ev: EvalJob, device: Any) -> dict[str, Any]:
-    """Square Attack (score-based, no gradients) robust accuracy, in the RobustCurve JSON shape."""
-    import torch
-
-    from training.attacks import square_linf
-    from training.evaluate import to_unit, wilson_interval
-
-    model.eval()
-    x = to_unit(images, device)
-    y = labels.to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        clean = model(x).argmax(1) == y
-    points = []
-    for e in ev.eps:
-        t0 = time.time()
-        ok = clean.clone()
-        if e > 0 and bool(clean.any()):
-            idx = clean.nonzero().squeeze(1)
-            adv = square_linf(model, x[idx], y[idx], eps=e, queries=ev.steps, generator=gen)
-            with torch.no_grad():
-                ok[idx] = model(adv).argmax(1) == y[idx]
-        k, n = int(ok.sum()), len(y)
-        points.append(
-            {
-                "eps": e,
-                "accuracy": k / n,
-                "correct": k,
-                "n": n,
-                "ci95": wilson_interval(k, n),
-                "seconds": round(time.time() - t0, 2),
-            }
-        )
-    return {
-        "attack": {
-            "name": "square",
-            "norm": "linf",
-            "queries": ev.steps,
-            "restarts": 1,
-            "description": f"Square Attack l_inf, {ev.steps} queries, 1 restart, margin loss",
-        },
-        "n": len(y),
-        "seed": 0,
-        "clean_accuracy": float(clean.float().mean()),
-        "points": points,
-        "device": str(device),
-    }
 
 
 def _embeddings(
