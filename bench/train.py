@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, log, machine
 
 from training.config import load_config
-from training.data import load_split
+from training.data import dataset_info, load_split
 from training.distributed import pick_device
 from training.methods import create_method
 
@@ -76,7 +76,7 @@ def time_variant(
     }
     cfg = load_config(REPO / "training/configs/mnist-er.yaml", overrides)
     torch.manual_seed(0)
-    info = load_split("mnist", "test", args.data_dir, n=1).info
+    info = dataset_info("mnist")
     method = create_method(cfg, info, device)
     method.train(True)
     method.set_progress(1e9)  # full eps: no warm-up ramp

@@ -117,7 +117,7 @@ class InferenceEngine:
             probs.argmax(dim=1).cpu().numpy(),
         )
         if self.typicality is not None:
-            t = self.typicality.scores(out.embedding)
+            t = self.typicality.scores(z)
             out.prior_log_density = t["prior_log_density"].astype(np.float32)
             out.mahalanobis = t["mahalanobis"].astype(np.float32)
             out.atypical = t["atypical"]

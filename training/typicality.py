@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from training.attacks.steps import LinfStep, per_sample
 from training.priors import get_prior
 
 SCORE = "mahalanobis"
@@ -217,17 +218,10 @@ def auroc(negatives: Sequence[float] | np.ndarray, positives: Sequence[float] | 
     if len(neg) == 0 or len(pos) == 0:
         return math.nan
     both = np.concatenate([neg, pos])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    sorted_vals = both[order]
-    # average ranks over ties
-    i = 0
-    while i < len(both):
-        j = i
-        while j + 1 < len(both) and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    # Average rank of each distinct value (1-based), so that ties count half.
+    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]
     r_pos = ranks[len(neg) :].sum()
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
@@ -267,13 +261,10 @@ def adaptive_pgd(
     """l_inf PGD that maximises ``CE(C(Q(x')), y) - lam * mahalanobis(Q(x'))``: misclassify while
     keeping the embedding typical (the attack that knows the detector). Random start, step
     ``2.5 eps / steps``; returns the last iterate."""
-    alpha = 2.5 * eps / steps
-    noise = (
-        torch.rand(x.shape, generator=generator, device=x.device)
-        if generator is not None
-        else torch.rand_like(x)
-    )
-    x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1).detach()
+    step = LinfStep()
+    eps_t = per_sample(eps, x)
+    alpha = 2.5 * eps_t / steps
+    x_adv = step.random_start(x, eps_t, generator).detach()
     was = model.training
     model.eval()
     try:
@@ -287,8 +278,7 @@ def adaptive_pgd(
             )
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
-                x_adv = x_adv.detach() + alpha * grad.sign()
-                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+                x_adv = step.project(step.step(x_adv.detach(), grad, alpha), x, eps_t)
     finally:
         model.train(was)
     return x_adv.detach()
