@@ -12,9 +12,12 @@ ERC := $(BIN)/erc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian packages the tests use: Fashion-MNIST (the second dataset on this machine), Prometheus
-# (the native stack test), Chromium (renders the audit report); and those the container tests use (rootful podman, offline builds).
+# (the native stack test), Chromium (renders the audit report); and those the container tests use:
+# rootful podman with runc, debootstrap (offline base image), docker-compose (schema check), and the
+# netavark network backend with aardvark-dns, so that containers resolve each other by name (the CNI
+# plugins Debian installs by default have no DNS plugin); netavark programs iptables.
 SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
-DEPLOY_PACKAGES := podman runc debootstrap docker-compose
+DEPLOY_PACKAGES := podman runc debootstrap docker-compose netavark aardvark-dns iptables
 PYTEST_ARGS ?=
 
 .PHONY: run test install install-dev system-deps deploy-deps lint typecheck unit deploy-test clean bench-serve wheelhouse

@@ -13,7 +13,6 @@ Needs root (rootful podman) and the packages of ``make deploy-deps``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,12 +31,7 @@ from training.train import run_training
 
 pytestmark = pytest.mark.deploy
 
-BASE_IMAGE = "localhost/localbase:bookworm"
 PROJECT = "ercdeploy"
-CONTAINERS_CONF = (
-    '[containers]\ndefault_ulimits = ["nofile=8192:8192", "nproc=8192:8192"]\n'
-    '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
-)
 # What the images are built from (the rest of the repository stays out of the build context).
 CONTEXT = [
     "pyproject.toml",
@@ -49,64 +43,10 @@ CONTEXT = [
     "service",
     "docker",
 ]
-TIMINGS: dict[str, float] = {}
-
-
-def _run(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 1200) -> str:
-    res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-        )
-    return res.stdout
-
-
-def _timed(name: str, fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    TIMINGS[name] = round(time.perf_counter() - t0, 1)
-    return out
 
 
 @pytest.fixture(scope="module")
-def podman_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    assert os.geteuid() == 0, "rootful podman: run the deploy tests as root"
-    for tool in ("podman", "debootstrap", "docker-compose"):
-        assert shutil.which(tool), f"{tool} missing: make deploy-deps installs it"
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)  # ulimits at or below the host's, runc (see docs/deploy.md)
-    bindir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "CONTAINERS_CONF": str(conf),
-        "BUILDAH_FORMAT": "docker",
-        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
-    }
-    if subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=env).returncode != 0:
-        rootfs = tmp_path_factory.mktemp("rootfs")
-        mirror = "http://deb.debian.org/debian"
-        sources = Path("/etc/apt/sources.list.d/debian.sources")
-        if sources.exists():
-            uris = [
-                ln.split(":", 1)[1].strip()
-                for ln in sources.read_text().splitlines()
-                if ln.startswith("URIs:")
-            ]
-            mirror = uris[0] if uris else mirror
-        _timed(
-            "base_image_s", _run, ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], env
-        )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            ["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=env, check=True, capture_output=True
-        )
-        tar.wait()
-        shutil.rmtree(rootfs, ignore_errors=True)
-    return env
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def context(tmp_path_factory: pytest.TempPathFactory, podman) -> Path:
     """A copy of the repository's deployment files, a wheelhouse, and a trained `mnist-er`."""
     ctx = tmp_path_factory.mktemp("ctx")
     for name in CONTEXT:
@@ -115,9 +55,9 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(src, ctx / name, ignore=shutil.ignore_patterns("__pycache__", "*.whl", "erc.env"))
         else:
             shutil.copy2(src, ctx / name)
-    _timed(
+    wheels = ctx / "docker" / "wheels"
+    podman.timed(
         "wheelhouse_s",
-        _run,
         [
             sys.executable,
             "-m",
@@ -125,13 +65,12 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "wheel",
             "-q",
             "-w",
-            str(ctx / "docker" / "wheels"),
+            str(wheels),
             "-c",
             str(REPO / "constraints.txt"),
             f"{REPO}[torchserve]",
             "setuptools",
         ],
-        dict(os.environ),
     )
     runs = tmp_path_factory.mktemp("runs")
     run_training(
@@ -156,64 +95,33 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ctx
 
 
-def _compose(env: dict[str, str], ctx: Path, *args: str, timeout: int = 1800) -> str:
-    return _run(["podman-compose", "-p", PROJECT, *args], env, cwd=ctx, timeout=timeout)
-
-
-def _containers(env: dict[str, str]) -> list[str]:
-    out = _run(
-        [
-            "podman",
-            "ps",
-            "-a",
-            "--filter",
-            f"label=io.podman.compose.project={PROJECT}",
-            "--format",
-            "{{.Names}}",
-        ],
-        env,
-    )
-    return [ln for ln in out.split() if ln]
-
-
-def _exec_python(env: dict[str, str], container: str, code: str) -> str:
-    return _run(["podman", "exec", container, "python3", "-c", code], env, timeout=120)
-
-
 @pytest.fixture(scope="module")
-def stack(podman_env: dict[str, str], context: Path) -> Iterator[dict[str, object]]:
+def stack(podman, context: Path) -> Iterator[dict[str, object]]:
     api_port = free_port()
-    env = {
-        **podman_env,
-        "ERC_BASE_IMAGE": BASE_IMAGE,
-        "ERC_PROMETHEUS_BASE_IMAGE": BASE_IMAGE,
-        "ERC_PIP_ARGS": "--no-index",
-        "ERC_API_PORT": str(api_port),
-    }
-    _run(["docker-compose", "config", "-q"], env, cwd=context)  # schema validation (podman-compose does none)
+    port = {"ERC_API_PORT": str(api_port)}
+    compose = ["podman-compose", "-p", PROJECT]
+    podman.run(["docker-compose", "config", "-q"], context, **port)  # schema check (podman-compose has none)
     try:
-        _timed("build_s", _compose, env, context, "build")
-        _timed("up_s", _compose, env, context, "up", "-d")
+        podman.timed("build_s", [*compose, "build"], context, **port)
+        podman.timed("up_s", [*compose, "up", "-d"], context, **port)
         up_at = time.perf_counter()
         url = f"http://127.0.0.1:{api_port}"
         t0 = time.perf_counter()
         while http_status(url + "/readyz") != 200:
-            assert time.perf_counter() - t0 < 180, _compose(env, context, "logs")
+            assert time.perf_counter() - t0 < 180, podman.run([*compose, "logs"], context, **port)
             time.sleep(0.5)
-        TIMINGS["api_ready_after_up_s"] = round(time.perf_counter() - t0, 1)
-        yield {"env": env, "url": url, "ctx": context, "up_at": up_at}
+        podman.timings["api_ready_after_up_s"] = round(time.perf_counter() - t0, 1)
+        yield {"url": url, "ctx": context, "up_at": up_at}
     finally:
         subprocess.run(
-            ["podman-compose", "-p", PROJECT, "down", "-v"],
-            env=env,
+            [*compose, "down", "-v"],
+            env={**podman.env, **port},
             cwd=context,
             capture_output=True,
             timeout=300,
         )
-        sys.stderr.write(f"\ndeploy timings: {json.dumps(TIMINGS)}\n")
-        (REPO / "build").mkdir(exist_ok=True)
-        (REPO / "build" / "deploy-timings.json").write_text(json.dumps(TIMINGS, indent=2))
-    assert _containers(env) == [], "podman-compose down left containers behind"
+        podman.write_timings(REPO)
+    assert podman.project_containers(PROJECT) == [], "podman-compose down left containers behind"
 
 
 def _name(service: str) -> str:
@@ -238,20 +146,14 @@ def test_api_classifies_real_mnist_images_like_the_model_in_process(stack, mnist
     assert sum(int(a == b) for a, b in zip(labels, mnist_sample.labels[:8], strict=True)) >= 6
 
 
-def test_torchserve_answers_the_same_label(stack, mnist_sample) -> None:
-    env = stack["env"]
+def test_torchserve_answers_the_same_label(podman, stack, mnist_sample) -> None:
     deadline = time.time() + 240
-    while (
-        subprocess.run(
-            ["podman", "healthcheck", "run", _name("torchserve")], env=env, capture_output=True
-        ).returncode
-        != 0
-    ):
+    while not podman.ok(["podman", "healthcheck", "run", _name("torchserve")]):
         assert time.time() < deadline, "TorchServe never became healthy (READY worker)"
         time.sleep(2)
-    TIMINGS["torchserve_healthy_after_up_s"] = round(time.perf_counter() - stack["up_at"], 1)
+    podman.timings["torchserve_healthy_after_up_s"] = round(time.perf_counter() - stack["up_at"], 1)
     key = json.loads(
-        _run(["podman", "exec", _name("torchserve"), "cat", "/home/model-server/key_file.json"], env)
+        podman.run(["podman", "exec", _name("torchserve"), "cat", "/home/model-server/key_file.json"])
     )["inference"]["key"]
     png_hex = mnist_sample.pngs[1].hex()
     code = (
@@ -263,11 +165,11 @@ def test_torchserve_answers_the_same_label(stack, mnist_sample) -> None:
         f"print(post('http://torchserve:8080/predictions/mnist-er', {{'Authorization': 'Bearer {key}'}}),"
         " post('http://127.0.0.1:8080/v1/models/mnist-er:predict', {}))\n"
     )
-    ts_label, api_label = _exec_python(env, _name("api"), code).split()
+    ts_label, api_label = podman.exec_python(_name("api"), code).split()
     assert ts_label == api_label
 
 
-def test_prometheus_scrapes_both_targets(stack) -> None:
+def test_prometheus_scrapes_both_targets(podman, stack) -> None:
     code = (
         "import json, urllib.request\n"
         "t = json.load(urllib.request.urlopen('http://prometheus:9090/api/v1/targets'))['data']['activeTargets']\n"
@@ -276,23 +178,17 @@ def test_prometheus_scrapes_both_targets(stack) -> None:
     )
     deadline = time.time() + 120
     while True:
-        state = json.loads(_exec_python(stack["env"], _name("api"), code))
+        state = json.loads(podman.exec_python(_name("api"), code))
         if state["health"] == {"erc-api": "up", "torchserve": "up"} and state["samples"] > 0:
             break
         assert time.time() < deadline, state
         time.sleep(2)
 
 
-def test_containers_are_hardened_and_healthy(stack) -> None:
-    env = stack["env"]
-    assert _run(["podman", "exec", _name("api"), "id", "-u"], env).strip() == "10001"
-    assert _run(["podman", "exec", _name("torchserve"), "id", "-u"], env).strip() == "10002"
-    assert (
-        subprocess.run(
-            ["podman", "healthcheck", "run", _name("api")], env=env, capture_output=True
-        ).returncode
-        == 0
-    )
-    ports = _run(["podman", "port", "-a"], env)
+def test_containers_are_hardened_and_healthy(podman, stack) -> None:
+    assert podman.run(["podman", "exec", _name("api"), "id", "-u"]).strip() == "10001"
+    assert podman.run(["podman", "exec", _name("torchserve"), "id", "-u"]).strip() == "10002"
+    assert podman.ok(["podman", "healthcheck", "run", _name("api")])
+    ports = podman.run(["podman", "port", "-a"])
     published = [ln for ln in ports.splitlines() if "->" in ln]
     assert len(published) == 1 and "8080/tcp" in published[0], ports  # only the API is published
