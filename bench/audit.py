@@ -39,7 +39,8 @@ from _common import (
     wrk_available,
 )
 
-from service.audit.engine import AttackRun, AuditSpec, Engine, _predict
+from service.audit.engine import AuditSpec, Engine, predict_labels
+from training.attacks import build_attacks
 from training.card import load_model
 from training.data import load_split
 
@@ -50,7 +51,7 @@ def robust_accuracy(
     """Accuracy on ``adv`` (``[levels, N, C, H, W]``) per eps level; outside every timed section."""
     with torch.no_grad():
         return {
-            e: float((_predict(model, adv[i].to(device), batch).cpu() == y).float().mean())
+            e: float((predict_labels(model, adv[i].to(device), batch).cpu() == y).float().mean())
             for i, e in enumerate(eps_levels)
         }
 
@@ -92,7 +93,7 @@ def ours_pgd(
 ) -> tuple[float, dict[float, float]]:
     spec = AuditSpec(
         eps=eps_levels,
-        attacks=[AttackRun("pgd", {"steps": steps, "early_stop": early_stop})],
+        suite=build_attacks([("pgd", {"steps": steps, "early_stop": early_stop})]),
         precision=precision,
         compile=compile,
         batch_size=batch,

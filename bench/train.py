@@ -33,7 +33,7 @@ from _common import REPO, log, machine
 
 from training.config import load_config
 from training.data import dataset_info, load_split
-from training.distributed import pick_device
+from training.devices import resolve_device
 from training.methods import create_method
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     train = load_split("mnist", "train", args.data_dir)
     images, labels = train.images.to(device), train.labels.to(device)
     results = [time_variant(n, b, images, labels, args, device) for n, b in parse_variants(args.variants)]

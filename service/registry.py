@@ -21,6 +21,7 @@ from service.errors import ModelNotFound, ModelNotReady
 from service.inference import InferenceEngine
 from service.settings import Settings
 from training.card import CardError, ModelCard, read_card
+from training.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,6 @@ class ServedModel:
         return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available: serving on the CPU", name)
-        return torch.device("cpu")
-    return dev
-
-
 def _bucket_sizes(max_batch: int) -> list[int]:
     sizes, n = [], 1
     while n < max_batch:
@@ -94,7 +85,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
-        self.device = _device(settings.device)
+        self.device = resolve_device(settings.device)
         self.default_name: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -89,6 +89,18 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()] or None
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        # The audit device is resolved where audits run (an audit worker may have the GPU the API lacks).
+        from training.devices import DeviceUnavailable, resolve_device
+
+        try:
+            resolve_device(value)
+        except DeviceUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
         if self.max_instances > self.max_queue:

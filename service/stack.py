@@ -22,6 +22,7 @@ import yaml
 from service import torchserve
 from service.launch import REPO, ServerProcess, free_port, http_status, start_server
 from service.packaging import package_model
+from training.card import read_card
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def start_stack(store: Path, model: str, workdir: Path | None = None, **api_env:
     prometheus_bin = shutil.which("prometheus")
     if prometheus_bin is None:
         raise FileNotFoundError("prometheus is not installed: apt-get install prometheus")
+    read_card(store / model)  # a missing or bad model fails here, before anything starts
     workdir = workdir or Path(tempfile.mkdtemp(prefix="erc-stack-"))
     stack = NativeStack(workdir)
     try:

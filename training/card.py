@@ -24,7 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import __version__
-from training.checkpoint import READABLE_DIR, READABLE_FILE, atomic_write_text
+from training.checkpoint import CHECKPOINT, READABLE_DIR, READABLE_FILE, atomic_write_text, load_checkpoint
+from training.config import training_eps
+from training.devices import resolve_device
+from training.errors import ErcError
 from training.models import EmbeddingClassifier, create_model
 
 CARD_FORMAT = "erc-model-card/1"
@@ -33,8 +36,12 @@ WEIGHTS_FILE = "weights.safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CardError(Exception):
+class CardError(ErcError):
     """A model in the store that must not be served: bad card, unknown architecture, wrong hash."""
+
+
+class ModelNotFound(ErcError, FileNotFoundError):
+    """No store model and no run directory by the name given."""
 
 
 @dataclass
@@ -70,6 +77,11 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def train_eps(self) -> float:
+        """The l_inf radius the model was trained at (the default eps of its audits)."""
+        return training_eps(self.train_config, self.dataset)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -207,3 +219,79 @@ class StagedModel:
 
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def append_card_metrics(model_dir: str | os.PathLike[str], metrics: list[dict[str, Any]]) -> ModelCard:
+    """Add metrics measured on a store model's own weights to its card (atomic rewrite).
+
+    Entries measured on other weights (different sha256) are refused. A new figure replaces an
+    older one measured with the same metric, eps, n and attack settings.
+    """
+    card = read_card(model_dir)
+    for m in metrics:
+        if m.get("weights_sha256") != card.weights_sha256:
+            raise CardError(f"metric measured on weights {m.get('weights_sha256')} is not for {card.name}")
+
+    def key(m: dict[str, Any]) -> tuple[Any, ...]:
+        a = m.get("attack") or {}
+        return (
+            m["metric"],
+            m["eps"],
+            m.get("n"),
+            a.get("name"),
+            a.get("steps"),
+            a.get("restarts"),
+            a.get("norm"),
+            a.get("loss"),
+        )
+
+    new_keys = {key(m) for m in metrics}
+    card.metrics = [m for m in card.metrics if key(m) not in new_keys] + metrics
+    write_card(model_dir, card)
+    return card
+
+
+# -- any model reference -> a loaded network ------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A network ready to evaluate, with what is known about it."""
+
+    model: EmbeddingClassifier
+    name: str
+    dataset: str
+    source: str  # "store" or "run"
+    path: Path
+    weights_sha256: str | None  # for store models: the verified hash of the weights evaluated
+    train_eps: float
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> EmbeddingClassifier:
+    """The network of a training checkpoint (``load_checkpoint``'s dict), in eval mode, on the CPU."""
+    model = create_model(state["arch"], **state["arch_kwargs"])
+    assert isinstance(model, EmbeddingClassifier)
+    model.load_state_dict(state["state"]["modules"]["model"])
+    return model.eval()
+
+
+def resolve_model(
+    ref: str, store: str | os.PathLike[str] = "model_store", device: str = "auto"
+) -> LoadedModel:
+    """``ref`` is a model name in ``store``, a model directory (with card.json) or a run directory
+    (with checkpoint.pt)."""
+    dev = resolve_device(device)
+    candidates = [Path(store) / ref, Path(ref)]
+    for path in candidates:
+        if (path / CARD_FILE).is_file():
+            model, card = load_model(path, dev)
+            sha = card.weights_sha256
+            return LoadedModel(model, card.name, card.dataset, "store", path, sha, card.train_eps)
+    for path in candidates:
+        if (path / CHECKPOINT).is_file():
+            state = load_checkpoint(path / CHECKPOINT)
+            model = model_from_checkpoint(state).to(dev)
+            eps = training_eps(state["config"], state["dataset"])
+            return LoadedModel(model, path.name, state["dataset"], "run", path, None, eps)
+    raise ModelNotFound(
+        f"no model {ref!r}: looked for {candidates[0]} and {candidates[1]} (a store model has card.json, "
+        f"a run directory has {CHECKPOINT})"
+    )

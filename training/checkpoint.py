@@ -16,6 +16,9 @@ from typing import IO, Any
 import torch
 
 CHECKPOINT_FORMAT = "erc-checkpoint/1"
+# File names in a run directory.
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 READABLE_FILE = 0o644
 READABLE_DIR = 0o755
 

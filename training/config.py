@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from training.errors import ErcError
 
-class ConfigError(ValueError):
+
+class ConfigError(ErcError, ValueError):
     """A config key or value that cannot be applied; the message names the key."""
 
 
@@ -197,3 +199,19 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def training_eps(config: TrainConfig | Mapping[str, Any] | None, dataset: str) -> float:
+    """The l_inf radius a model is (or was) trained at: its config's ``adv.eps``, else the dataset's
+    default. The one place this rule lives: training, run directories, cards and audit defaults.
+
+    Args:
+        config: a :class:`TrainConfig`, or its dict form as saved in checkpoints and cards.
+        dataset: the dataset name, for the default.
+    """
+    eps = config.adv.eps if isinstance(config, TrainConfig) else ((config or {}).get("adv") or {}).get("eps")
+    if eps is not None:
+        return float(eps)
+    from training.data import dataset_info
+
+    return float(dataset_info(dataset).train_eps)

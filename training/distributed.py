@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -28,25 +30,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: CUDA (the local rank's GPU) when present, else the CPU."""
-    if preference == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(), pick_device(device_preference)
+        return DistInfo(), resolve_device(device_preference)
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_preference, info.local_rank)
+    device = resolve_device(device_preference, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -8,6 +8,8 @@ restarts, step size, loss, random start), ``n`` and the seed, so it can be repro
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.attacks import apgd, pgd, square_linf
+from training.attacks import Attack, Suite
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -54,37 +56,6 @@ def predict(
 
 
 @dataclass
-class AttackSpec:
-    """How adversarial examples were made; stored next to every robust-accuracy figure."""
-
-    name: str = "pgd"
-    norm: str = "linf"
-    steps: int = 40
-    restarts: int = 1
-    alpha: float | None = None  # None: 2.5 * eps / steps
-    loss: str = "ce"
-    random_start: bool = True
-    keep_best: bool = True  # a sample counts as broken if any iterate of any restart fooled the model
-
-    def describe(self) -> str:
-        if self.name == "apgd":
-            return (
-                f"APGD-{self.loss.upper()}-{self.steps} {self.norm}, {self.restarts} restart(s), "
-                "step 2*eps halved at Croce & Hein's checkpoints"
-            )
-        if self.name == "square":
-            return (
-                f"Square Attack {self.norm}, {self.steps} queries, {self.restarts} restart(s), "
-                f"{self.loss} loss (score-based, no gradients)"
-            )
-        step = "2.5*eps/steps" if self.alpha is None else f"{self.alpha:g}"
-        return (
-            f"{self.name.upper()}-{self.steps} {self.norm}, {self.restarts} restart(s), step {step}, "
-            f"{self.loss} loss, {'random' if self.random_start else 'zero'} start"
-        )
-
-
-@dataclass
 class CurvePoint:
     eps: float
     accuracy: float
@@ -96,7 +67,7 @@ class CurvePoint:
 
 @dataclass
 class RobustCurve:
-    attack: AttackSpec
+    attack: dict[str, Any]  # Suite.record(): name, norm, label, description, every parameter
     n: int
     seed: int
     clean_accuracy: float
@@ -105,9 +76,11 @@ class RobustCurve:
     model: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["attack"]["description"] = self.attack.describe()
-        return d
+        return asdict(self)
+
+    @property
+    def description(self) -> str:
+        return str(self.attack["description"])
 
     def accuracy_at(self, eps: float) -> float:
         for p in self.points:
@@ -116,77 +89,35 @@ class RobustCurve:
         raise KeyError(f"no point at eps={eps}")
 
 
+def as_suite(attack: Attack | Suite) -> Suite:
+    return attack if isinstance(attack, Suite) else Suite((attack,))
+
+
 def robust_flags(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     eps: float,
-    spec: AttackSpec,
+    attack: Attack | Suite,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[N]``: correctly classified and not broken by the attack at ``eps``."""
+    """Boolean ``[N]``: correctly classified and not broken by any attack of the suite at ``eps``.
+
+    Each attack runs only on the samples every earlier one failed on: the per-sample worst case is
+    the same as running each on all, for less work.
+    """
     with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    if eps == 0 or not bool(correct.any()):
-        return correct
-    idx = correct.nonzero().squeeze(1)
-    if spec.name == "fgsm":
-        x_adv = pgd(
-            model,
-            x[idx],
-            y[idx],
-            eps=eps,
-            alpha=eps,
-            steps=1,
-            random_start=False,
-            loss=spec.loss,
-            keep_best=False,
-        )
-    elif spec.name == "pgd":
-        x_adv = pgd(
-            model,
-            x[idx],
-            y[idx],
-            eps=eps,
-            alpha=spec.alpha,
-            steps=spec.steps,
-            norm=spec.norm,
-            restarts=spec.restarts,
-            random_start=spec.random_start,
-            loss=spec.loss,
-            keep_best=spec.keep_best,
-            generator=generator,
-        )
-    elif spec.name == "apgd":
-        x_adv = apgd(
-            model,
-            x[idx],
-            y[idx],
-            eps=eps,
-            norm=spec.norm,
-            steps=spec.steps,
-            restarts=spec.restarts,
-            loss=spec.loss,
-            generator=generator,
-        )
-    elif spec.name == "square":
-        x_adv = square_linf(
-            model,
-            x[idx],
-            y[idx],
-            eps=eps,
-            queries=spec.steps,
-            restarts=spec.restarts,
-            loss=spec.loss,
-            generator=generator,
-        )
-    else:
-        raise KeyError(f"unknown attack {spec.name!r} for robust_flags; known: pgd, fgsm, apgd, square")
-    with torch.no_grad():
-        survived = model(x_adv).argmax(1) == y[idx]
-    out = torch.zeros_like(correct)
-    out[idx] = survived
-    return out
+        robust = model(x).argmax(1) == y
+    if eps == 0:
+        return robust
+    for a in as_suite(attack).attacks:
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        x_adv = a(model, x[idx], y[idx], eps=eps, generator=generator)
+        with torch.no_grad():
+            robust[idx] = model(x_adv).argmax(1) == y[idx]
+    return robust
 
 
 def robust_curve(
@@ -194,7 +125,7 @@ def robust_curve(
     images: torch.Tensor,
     labels: torch.Tensor,
     eps_list: Sequence[float],
-    spec: AttackSpec,
+    attack: Attack | Suite,
     *,
     batch_size: int = 500,
     device: torch.device | None = None,
@@ -207,6 +138,7 @@ def robust_curve(
     The model is put in eval mode for the evaluation and restored afterwards.
     """
     device = device or next(model.parameters()).device
+    suite = as_suite(attack)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     was_training = model.training
@@ -226,7 +158,7 @@ def robust_curve(
                 clean += int((model(x).argmax(1) == y).sum())
             for e in eps_list:
                 t0 = time.perf_counter()
-                flags = robust_flags(model, x, y, float(e), spec, gen)
+                flags = robust_flags(model, x, y, float(e), suite, gen)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[float(e)] += time.perf_counter() - t0
@@ -236,7 +168,12 @@ def robust_curve(
     finally:
         model.train(was_training)
     curve = RobustCurve(
-        attack=spec, n=n, seed=seed, clean_accuracy=clean / max(n, 1), device=str(device), model=model_name
+        attack=suite.record(),
+        n=n,
+        seed=seed,
+        clean_accuracy=clean / max(n, 1),
+        device=str(device),
+        model=model_name,
     )
     for e in eps_list:
         k = correct[float(e)]
@@ -244,6 +181,75 @@ def robust_curve(
             CurvePoint(float(e), k / max(n, 1), k, n, wilson_interval(k, n), round(seconds[float(e)], 3))
         )
     return curve
+
+
+def evaluate_on_test(
+    model: nn.Module,
+    dataset: str,
+    eps_list: list[float],
+    attack: Attack | Suite,
+    *,
+    n: int | None,
+    seed: int = 0,
+    data_dir: str | None = None,
+    batch_size: int = 500,
+    progress: bool = False,
+    model_name: str = "",
+) -> RobustCurve:
+    """:func:`robust_curve` on ``n`` images of a seeded draw of ``dataset``'s test split (all if None)."""
+    from training.data import load_split
+
+    test = load_split(dataset, "test", data_dir, n=n, seed=seed)
+    device = next(model.parameters()).device
+    return robust_curve(
+        model,
+        test.images,
+        test.labels,
+        eps_list,
+        attack,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        progress=progress,
+        model_name=model_name,
+    )
+
+
+def command_line() -> str:
+    """How this process was invoked, for the provenance of measured figures."""
+    argv = sys.argv[:]
+    if argv and argv[0].endswith(("erc", "cli.py", "__main__.py")):
+        argv[0] = "erc"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def curve_metrics(
+    curve: RobustCurve, dataset: str, measured_on: str, sha: str | None
+) -> list[dict[str, Any]]:
+    """Card metric entries (one per eps) from a robust-accuracy curve."""
+    out = []
+    for p in curve.points:
+        clean = p.eps == 0
+        out.append(
+            {
+                "metric": "accuracy" if clean else "robust_accuracy",
+                "value": round(p.accuracy, 6),
+                "correct": p.correct,
+                "n": p.n,
+                "ci95": [round(p.ci95[0], 6), round(p.ci95[1], 6)],
+                "eps": p.eps,
+                "norm": curve.attack["norm"],
+                "attack": None if clean else curve.attack,
+                "dataset": dataset,
+                "split": "test",
+                "seed": curve.seed,
+                "device": curve.device,
+                "measured_on": measured_on,
+                "weights_sha256": sha,
+                "command": command_line(),
+            }
+        )
+    return out
 
 
 def plot_curves(curves: Sequence[tuple[str, RobustCurve]], path: str | Path, title: str = "") -> Path:
@@ -267,7 +273,7 @@ def plot_curves(curves: Sequence[tuple[str, RobustCurve]], path: str | Path, tit
     ax.grid(alpha=0.3)
     if curves:
         first = curves[0][1]
-        ax.set_title(title or f"{first.attack.describe()}, n={first.n}", fontsize=8)
+        ax.set_title(title or f"{first.description}, n={first.n}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)

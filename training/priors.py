@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.errors import UnknownName
+
 
 @dataclass(frozen=True)
 class Prior:
@@ -58,4 +60,4 @@ def get_prior(name: str) -> Prior:
     try:
         return PRIORS[name]
     except KeyError:
-        raise KeyError(f"unknown prior {name!r}; known: {', '.join(sorted(PRIORS))}") from None
+        raise UnknownName(f"unknown prior {name!r}; known: {', '.join(sorted(PRIORS))}") from None

@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from training import __version__
-from training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from training.attacks import build_attack
+from training.checkpoint import CHECKPOINT, METRICS, atomic_write_text, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, dump_config, from_dict
 from training.data import DatasetInfo, ImageSet, load_split
 from training.distributed import (
@@ -34,13 +35,11 @@ from training.distributed import (
     shutdown_distributed,
     weights_in_sync,
 )
-from training.evaluate import AttackSpec, robust_flags, to_unit
+from training.evaluate import robust_flags, to_unit
 from training.methods import Method, create_method
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 
@@ -212,20 +211,20 @@ class Trainer:
             out["test_n"] = int(counts[1])
             n_adv = min(self.cfg.run.eval_adv_n, n)
             if n_adv:
-                spec = AttackSpec(steps=20)
+                pgd20 = build_attack("pgd", {"steps": 20})
                 adv_shard = shard[shard < n_adv]
                 flags = robust_flags(
                     model,
                     to_unit(self.test.images[adv_shard], self.device),
                     self.test.labels[adv_shard],
                     self.method.eps,
-                    spec,
+                    pgd20,
                 )
                 c = all_reduce_sum(
                     torch.tensor([float(flags.sum()), float(len(adv_shard))], device=self.device), self.dist
                 )
                 out["robust_acc"] = float(c[0] / c[1].clamp_min(1))
-                out["robust_attack"] = f"{spec.describe()}, eps={self.method.eps}, n={int(c[1])}"
+                out["robust_attack"] = f"{pgd20.description}, eps={self.method.eps}, n={int(c[1])}"
         finally:
             model.train(was)
         return out

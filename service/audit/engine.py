@@ -10,8 +10,6 @@ Eps levels are stacked into large batches with a per-sample eps (the attacks tak
 from __future__ import annotations
 
 import copy
-import inspect
-import math
 import platform
 import threading
 import time
@@ -23,18 +21,8 @@ import torch
 from torch.nn import functional as F
 
 from training import __version__
-from training.attacks import ATTACKS, get_step
+from training.attacks import Attack, Suite, build_attacks, get_step
 from training.evaluate import wilson_interval
-
-# Attack name -> the norms it works in and what one image costs, in forward+backward passes.
-NORMS = {"fgsm": ("linf",), "pgd": ("linf", "l2"), "apgd": ("linf", "l2"), "square": ("linf",), "cw": ("l2",)}
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "fgsm": {},
-    "pgd": {"steps": 40, "restarts": 1},
-    "apgd": {"steps": 100, "restarts": 1},
-    "square": {"queries": 1000},
-    "cw": {"steps": 100, "binary_steps": 5, "lr": 0.1},
-}
 
 
 class AuditCancelled(Exception):
@@ -42,97 +30,9 @@ class AuditCancelled(Exception):
 
 
 @dataclass
-class AttackRun:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def fn(self) -> Callable[..., torch.Tensor]:
-        return ATTACKS[self.name]
-
-    @property
-    def cost(self) -> float:
-        """Forward+backward passes per image (a forward-only query counts a third)."""
-        p = {**DEFAULT_PARAMS[self.name], **self.params}
-        if self.name == "fgsm":
-            return 1.0
-        if self.name in ("pgd", "apgd"):
-            return float(p["steps"] * p.get("restarts", 1))
-        if self.name == "square":
-            return p["queries"] * p.get("restarts", 1) / 3.0
-        return float(p["steps"] * p["binary_steps"])
-
-    @property
-    def label(self) -> str:
-        p = {**DEFAULT_PARAMS[self.name], **self.params}
-        if self.name in ("pgd", "apgd"):
-            r = p.get("restarts", 1)
-            return f"{self.name.upper()}-{p['steps']}" + (f"x{r}" if r > 1 else "")
-        if self.name == "square":
-            return f"Square-{p['queries']}"
-        if self.name == "cw":
-            return f"CW-{p['binary_steps']}x{p['steps']}"
-        return "FGSM"
-
-    def kwargs(self, norm: str) -> dict[str, Any]:
-        kw = {**DEFAULT_PARAMS[self.name], **self.params}
-        if self.name in ("pgd", "apgd"):
-            kw["norm"] = norm
-        return kw
-
-
-def make_attack(name: str, params: dict[str, Any] | None, norm: str) -> AttackRun:
-    """Validate an attack request: known name, norm it supports, parameters its function takes."""
-    if name not in NORMS or name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(n for n in NORMS if n in ATTACKS)}")
-    if norm not in NORMS[name]:
-        raise ValueError(f"attack {name!r} works in {'/'.join(NORMS[name])}, not {norm}")
-    params = dict(params or {})
-    signature = inspect.signature(ATTACKS[name]).parameters
-    accepted = set(signature) - {"model", "x", "y", "eps", "generator", "norm"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ValueError(
-            f"attack {name!r} takes no parameter(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(sorted(accepted))}"
-        )
-    for key in ("steps", "restarts", "queries", "binary_steps"):
-        if key in params and (
-            not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 1
-        ):
-            raise ValueError(f"attack {name!r}: {key} must be a positive integer, got {params[key]!r}")
-    for key, value in params.items():
-        _check_type(name, key, value, signature[key].default)
-    return AttackRun(name, params)
-
-
-def _check_type(attack: str, key: str, value: Any, default: Any) -> None:
-    """A parameter's value has the type of its default (ints count as floats; floats finite), so a
-    bad value is refused with the request rather than failing the audit later."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-        want = "true or false"
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
-    elif isinstance(default, float) or default is None:
-        # None defaults are optional radii or step sizes: numbers when given.
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        want = "a finite number"
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-        want = "a string"
-    else:
-        return
-    if not ok:
-        raise ValueError(f"attack {attack!r}: {key} must be {want}, got {value!r}")
-
-
-@dataclass
 class AuditSpec:
     eps: list[float]
-    attacks: list[AttackRun]
-    norm: str = "linf"
+    suite: Suite  # the attacks (training.attacks.build_attacks); a preset's runs as a cascade
     precision: str = "auto"  # "fp32", "bf16" (autocast, checked against fp32), "auto": bf16 on CUDA only
     compile: str = "auto"  # "on", "off" or "auto" (on CUDA only): torch.compile the attacked model
     seed: int = 0
@@ -140,10 +40,44 @@ class AuditSpec:
     batch_size: int = 256
     embed_points: int = 300  # samples shown in the 2-D embedding view
 
+    @property
+    def attacks(self) -> tuple[Attack, ...]:
+        return self.suite.attacks
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the audit job's record); :meth:`from_dict` builds the same spec again."""
+        return {
+            "eps": list(self.eps),
+            "attacks": self.suite.requests(),
+            "norm": self.norm,
+            "precision": self.precision,
+            "compile": self.compile,
+            "seed": self.seed,
+            "checks": self.checks,
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditSpec:
+        return cls(
+            eps=list(d["eps"]),
+            suite=build_attacks([(a["name"], a.get("params") or {}) for a in d["attacks"]], d["norm"]),
+            precision=d["precision"],
+            compile=d.get("compile", "auto"),
+            seed=d["seed"],
+            checks=d["checks"],
+            batch_size=d.get("batch_size", 256),
+        )
+
+    @property
+    def norm(self) -> str:
+        return self.suite.norm
+
     def work(self, n: int) -> float:
-        """Forward+backward passes the attacks will cost on n samples (the audit bound)."""
+        """Forward+backward passes the attacks cost on n samples at most (the audit bound; a cascade
+        usually does far less, since later attacks only see the survivors)."""
         levels = sum(1 for e in self.eps if e > 0)
-        return n * levels * sum(a.cost for a in self.attacks)
+        return n * levels * self.suite.cost
 
 
 @dataclass
@@ -179,7 +113,10 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+def predict_labels(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """Predicted labels ``[N]`` of ``x`` in batches of ``batch`` (on x's device)."""
     with torch.no_grad():
         return torch.cat([model(x[s]).argmax(1) for s in _batches(len(x), batch)])
 
@@ -214,14 +151,14 @@ class RunState:
     idx: torch.Tensor  # indices of the correctly classified samples (the ones attacked)
     flags: dict[str, dict[float, torch.Tensor]]  # attack label -> eps -> [N] robust flags
     union: dict[float, torch.Tensor]  # eps -> [N] robust against every attack
-    adversarial: dict[str, torch.Tensor]  # attack name -> [levels, len(idx), C, H, W]
+    adversarial: dict[str, torch.Tensor]  # attack label -> [levels, len(idx), C, H, W] (worst so far)
     ball_violation: float  # largest excess over eps or outside [0, 1] seen in any example
 
 
 class _Meter:
     """The model as one batch of an attack sees it. Every forward pass credits the progress (a
     forward with gradients counts as one forward-backward pass per sample, one without as a third,
-    like ``AttackRun.cost``), capped at the batch's planned work, so that progress moves with every
+    like ``Attack.cost``), capped at the batch's planned work, so that progress moves with every
     attack step rather than every batch; and every forward pass polls the cancel event."""
 
     def __init__(self, engine: Engine, budget: float, stage: str) -> None:
@@ -296,7 +233,7 @@ class Engine:
 
     def attack_stacked(
         self,
-        attack: AttackRun,
+        attack: Attack,
         x: torch.Tensor,
         y: torch.Tensor,
         eps_levels: list[float],
@@ -310,33 +247,55 @@ class Engine:
         xs = x.repeat(len(eps_levels), 1, 1, 1)
         ys = y.repeat(len(eps_levels))
         es = levels.repeat_interleave(n)
-        out = torch.empty_like(xs)
+        return self.attack_pairs(attack, xs, ys, es, seed, bf16).view(len(eps_levels), n, *x.shape[1:])
+
+    def attack_pairs(
+        self,
+        attack: Attack,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: torch.Tensor,
+        seed: int,
+        bf16: bool | None = None,
+    ) -> torch.Tensor:
+        """Adversarial examples ``[M, C, H, W]`` for ``M`` (image, label, eps) triples, in batches
+        with a per-sample eps (``eps`` is ``[M]``)."""
+        out = torch.empty_like(x)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
-        kwargs = attack.kwargs(self.spec.norm)
-        if "generator" in inspect.signature(attack.fn).parameters:
-            kwargs["generator"] = gen
         use_bf16 = self.bf16 if bf16 is None else bf16
-        for s in _batches(len(xs), self.spec.batch_size):
+        for s in _batches(len(x), self.spec.batch_size):
             self._check_cancel()
-            xb = xs[s].to(self.device).contiguous(memory_format=torch.channels_last)
-            yb, eb = ys[s].to(self.device), es[s].to(self.device)
+            xb = x[s].to(self.device).contiguous(memory_format=torch.channels_last)
+            yb, eb = y[s].to(self.device), eps[s].to(self.device)
             meter = _Meter(self, (s.stop - s.start) * attack.cost, attack.label)
             with self._autocast(use_bf16):
-                out[s] = attack.fn(meter, xb, yb, eps=eb, **kwargs).float().cpu()
+                out[s] = attack(meter, xb, yb, eps=eb, generator=gen).float().cpu()
             meter.finish()
-        return out.view(len(eps_levels), n, *x.shape[1:])
+        return out
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        """x: ``[N, C, H, W]`` floats in [0, 1] (CPU), y: ``[N]``. Returns the audit result."""
+        """x: ``[N, C, H, W]`` floats in [0, 1] (CPU), y: ``[N]``. Returns the audit result.
+
+        Only correctly classified samples are attacked. Without a cascade every attack attacks all
+        of them at every eps (each attack's figure is its own); in a cascade (a preset) an attack
+        only attacks the (eps, sample) pairs every earlier one failed on, so its figure is the
+        worst case of itself and the attacks before it. The union is the figure either way.
+        """
         spec = self.spec
         t_start = time.perf_counter()
         model = self.model
-        pred = _predict(model, x.to(self.device), spec.batch_size).cpu()
+        pred = predict_labels(model, x.to(self.device), spec.batch_size).cpu()
         clean = pred == y
         eps_all = sorted({float(e) for e in spec.eps})
         eps_pos = [e for e in eps_all if e > 0]
-        result: dict[str, Any] = {"clean": summarize(clean), "eps": eps_all, "attacks": [], "per_eps": []}
+        result: dict[str, Any] = {
+            "clean": summarize(clean),
+            "eps": eps_all,
+            "attacks": [],
+            "per_eps": [],
+            "suite": {"label": spec.suite.label, "preset": spec.suite.preset, "cascade": spec.suite.cascade},
+        }
         union = {e: clean.clone() for e in eps_all}
         flags: dict[str, dict[float, torch.Tensor]] = {}
         dist: dict[str, dict[float, dict[str, Any]]] = {}
@@ -344,26 +303,36 @@ class Engine:
         ball_violation = 0.0
         idx = clean.nonzero().squeeze(1)  # only correctly classified samples can be "robust"
         xc, yc = x[idx], y[idx]
+        levels = len(eps_pos)
+        # Per (eps level, attacked sample): the example that broke it, else the latest attempt.
+        worst = xc.unsqueeze(0).repeat(levels, *([1] * xc.ndim))
         adv_store: dict[str, torch.Tensor] = {}
         for k, attack in enumerate(spec.attacks):
             t0 = time.perf_counter()
-            f_att = {e: clean.clone() for e in eps_all}
             d_att: dict[float, dict[str, Any]] = {}
-            if eps_pos and len(idx):
-                adv = self.attack_stacked(attack, xc, yc, eps_pos, spec.seed + 1000 * k)
-                adv_store[attack.name] = adv
+            pairs = torch.zeros(levels, len(idx), dtype=torch.bool)
+            for li, e in enumerate(eps_pos):
+                pairs[li] = union[e][idx] if spec.suite.cascade else True
+            f_att = {e: (union[e] if spec.suite.cascade else clean).clone() for e in eps_all}
+            todo = pairs.nonzero()  # [M, 2]: (level, sample)
+            if len(todo):
+                li_t, si_t = todo[:, 0], todo[:, 1]
+                eps_t = torch.tensor(eps_pos, dtype=x.dtype)[li_t]
+                adv = self.attack_pairs(attack, xc[si_t], yc[si_t], eps_t, spec.seed + 1000 * k)
+                d = self.step.distance(adv, xc[si_t])
+                ball_violation = max(
+                    ball_violation, float((d - eps_t).max()), float(-adv.min()), float(adv.max() - 1)
+                )
+                survived = predict_labels(model, adv.to(self.device), spec.batch_size).cpu() == yc[si_t]
+                # Keep the first example that broke a pair; replace only attempts that did not.
+                unbroken = torch.stack([union[e][idx] for e in eps_pos])[li_t, si_t]
+                worst[li_t[unbroken], si_t[unbroken]] = adv[unbroken]
                 for li, e in enumerate(eps_pos):
-                    xa = adv[li]
-                    d = self.step.distance(xa, xc)
-                    ball_violation = max(
-                        ball_violation, float((d - e).max()), float(-xa.min()), float(xa.max() - 1)
-                    )
-                    survived = _predict(model, xa.to(self.device), spec.batch_size).cpu() == yc
-                    f = torch.zeros_like(clean)
-                    f[idx] = survived
-                    f_att[e] = f
-                    union[e] &= f
-                    d_att[e] = _distortion(d[~survived])
+                    mine = li_t == li
+                    f_att[e][idx[si_t[mine]]] = survived[mine]
+                    union[e] &= f_att[e]
+                    d_att[e] = _distortion(d[mine][~survived[mine]])
+            adv_store[attack.label] = worst.clone()
             timings[attack.label] = round(time.perf_counter() - t0, 3)
             flags[attack.label] = f_att
             dist[attack.label] = d_att
@@ -371,8 +340,9 @@ class Engine:
                 {
                     "name": attack.name,
                     "label": attack.label,
-                    "params": attack.kwargs(spec.norm),
+                    "params": attack.kwargs,
                     "cost_per_image": attack.cost,
+                    "attacked_pairs": len(todo),
                     "seconds": timings[attack.label],
                 }
             )

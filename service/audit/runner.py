@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from service.audit.checks import run_checks
-from service.audit.engine import AttackRun, AuditSpec, Engine, Progress, embedding_view, environment
+from service.audit.engine import AuditSpec, Engine, Progress, embedding_view, environment
+from training.attacks import Suite, default_attacks
 
 CHECKS_SUBSET = 200
 
@@ -19,7 +20,7 @@ def checks_cost(spec: AuditSpec, n: int) -> float:
     if not spec.checks:
         return 0.0
     m = min(n, CHECKS_SUBSET)
-    iterative = [a for a in spec.attacks if a.name in ("pgd", "apgd")]
+    iterative = [a for a in spec.attacks if a.spec.iterative]
     extra = 21.0  # large-eps PGD-20, zero-gradient pass
     if iterative:
         extra += 4 * iterative[0].cost + 5  # twice the steps and restarts; eps-0 run
@@ -52,11 +53,13 @@ def run_audit(
     st = engine.state
     eps_pos = [e for e in result["eps"] if e > 0]
     if eps_pos and len(st.idx):
-        name = next((a.name for a in spec.attacks if a.name in ("pgd", "apgd")), spec.attacks[0].name)
+        # The worst examples of the whole suite at the largest eps (for a cascade, the last attack's
+        # store holds every attack's findings).
+        label = spec.attacks[-1].label
         m = min(spec.embed_points, len(st.idx))
-        adv = st.adversarial[name][-1][:m]  # the largest eps
+        adv = st.adversarial[label][-1][:m]
         view = embedding_view(engine.model, x[st.idx[:m]], adv, y[st.idx[:m]], device, spec.batch_size)
-        view["attack"] = next(a.label for a in spec.attacks if a.name == name)
+        view["attack"] = spec.suite.label
         view["eps"] = eps_pos[-1]
     progress.add(progress.total, "done")
     result.update(
@@ -65,14 +68,13 @@ def run_audit(
         settings={
             "eps": result["eps"],
             "norm": spec.norm,
+            "suite": spec.suite.record(),
             "precision": spec.precision,
             "bf16_active": engine.bf16,
             "compile": spec.compile,
             "compiled": engine.compiled,
             "compile_error": engine.compile_error,
-            "attacks": [
-                {"name": a.name, "label": a.label, "params": a.kwargs(spec.norm)} for a in spec.attacks
-            ],
+            "attacks": [{"name": a.name, "label": a.label, "params": a.kwargs} for a in spec.attacks],
             "checks": spec.checks,
             "batch_size": spec.batch_size,
         },
@@ -86,11 +88,11 @@ def run_audit(
     return result
 
 
-def default_spec(train_eps: float, norm: str = "linf") -> AuditSpec:
-    """FGSM, PGD-40 and APGD-CE-100 at eps 0, half and all of the training eps."""
-    eps = [0.0, round(train_eps / 2, 6), train_eps]
-    return AuditSpec(
-        eps=eps,
-        attacks=[AttackRun("fgsm"), AttackRun("pgd", {"steps": 40}), AttackRun("apgd", {"steps": 100})],
-        norm=norm,
-    )
+def default_eps(train_eps: float) -> list[float]:
+    """The audit's default radii: 0, half and all of the training eps."""
+    return [0.0, round(train_eps / 2, 6), train_eps]
+
+
+def default_spec(train_eps: float, norm: str = "linf", suite: Suite | None = None) -> AuditSpec:
+    """An audit at the default radii with ``suite`` (default: :func:`default_attacks` for ``norm``)."""
+    return AuditSpec(eps=default_eps(train_eps), suite=suite or default_attacks(norm))

@@ -20,25 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.audit.engine import AttackRun, AuditSpec, Progress
+from service.audit.engine import AuditSpec, Progress
 from service.audit.report import render
 from service.audit.runner import checks_cost, run_audit
 from training.card import load_model
 from training.checkpoint import atomic_write_text
 from training.data import load_split
-
-
-def spec_from_dict(d: dict[str, Any]) -> AuditSpec:
-    return AuditSpec(
-        eps=list(d["eps"]),
-        attacks=[AttackRun(a["name"], dict(a.get("params") or {})) for a in d["attacks"]],
-        norm=d["norm"],
-        precision=d["precision"],
-        compile=d.get("compile", "auto"),
-        seed=d["seed"],
-        checks=d["checks"],
-        batch_size=d.get("batch_size", 256),
-    )
+from training.devices import resolve_device
 
 
 def load_data(job: dict[str, Any], dataset: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -65,7 +53,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        device = torch.device(job["device"])
+        device = resolve_device(job["device"])
         model, card = load_model(job["model_dir"], device)
         if card.weights_sha256 != job["weights_sha256"]:
             raise RuntimeError(
@@ -73,7 +61,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
                 f"loaded {job['weights_sha256'][:12]}: not auditing other weights than those served"
             )
         x, y, data_info = load_data(job, card.dataset)
-        spec = spec_from_dict(job["spec"])
+        spec = AuditSpec.from_dict(job["spec"])
         progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
         stop = threading.Event()
 

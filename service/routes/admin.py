@@ -16,14 +16,15 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import HTMLResponse, Response
 
-from service.audit.engine import AuditSpec, make_attack
+from service.audit.engine import AuditSpec
 from service.audit.jobs import Audit, AuditManager, default_threads
-from service.audit.runner import checks_cost
+from service.audit.runner import checks_cost, default_eps
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
 from service.http import json_response
 from service.payloads import ImagePayload, b64decode, decode_all
 from service.routes.common import registry, settings_of
 from service.schemas import Instance, error_responses, json_error_responses
+from training.attacks import AttackError, build_attacks, default_attacks, list_attacks, list_presets
 from training.data import dataset_info
 
 
@@ -52,8 +53,14 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 SEED_MAX = 2**62 - 1
 
 
+# Every attack and preset requests may name, from the registry (training.attacks).
+ATTACK_NAMES = (*list_attacks(), *list_presets())
+
+
 class AttackRequest(BaseModel):
-    name: Literal["fgsm", "pgd", "apgd", "square", "cw"]
+    name: Literal[ATTACK_NAMES] = Field(  # type: ignore[valid-type]
+        description="an attack, or a preset (autoattack: AutoAttack's standard suite, alone in the list)"
+    )
     params: dict[str, int | float | str | bool] = Field(
         default_factory=dict, description="keyword arguments of the attack"
     )
@@ -72,7 +79,11 @@ class AuditRequest(BaseModel):
     model: str
     data: DataRequest = Field(default_factory=DataRequest)
     attacks: list[AttackRequest] | None = Field(
-        None, description="default: FGSM, PGD-40, APGD-CE-100", min_length=1, max_length=8
+        None,
+        description="default: FGSM, PGD-40, APGD-CE-100 (those that implement the norm); "
+        '[{"name": "autoattack"}] for AutoAttack\'s standard suite',
+        min_length=1,
+        max_length=8,
     )
     eps: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None, description="default: 0, half and all of the training eps", min_length=1, max_length=32
@@ -98,31 +109,21 @@ class AuditCreated(BaseModel):
 
 
 def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
-    attacks = req.attacks or [
-        AttackRequest(name="fgsm"),
-        AttackRequest(name="pgd", params={"steps": 40}),
-        AttackRequest(name="apgd", params={"steps": 100}),
-    ]
-    if req.norm == "l2" and req.attacks is None:
-        attacks = [
-            AttackRequest(name="pgd", params={"steps": 40}),
-            AttackRequest(name="apgd", params={"steps": 100}),
-        ]
-    runs = []
-    for i, a in enumerate(attacks):
-        try:
-            runs.append(make_attack(a.name, dict(a.params), req.norm))
-        except ValueError as exc:
-            raise InvalidInput(f"attacks[{i}]: {exc}") from None
-    eps = req.eps if req.eps is not None else [0.0, train_eps / 2, train_eps]
+    try:
+        if req.attacks is None:
+            suite = default_attacks(req.norm)
+        else:
+            suite = build_attacks([(a.name, dict(a.params)) for a in req.attacks], req.norm)
+    except AttackError as exc:
+        raise InvalidInput(f"attacks: {exc}") from None
+    eps = req.eps if req.eps is not None else default_eps(train_eps)
     top = 1.0 if req.norm == "linf" else math.sqrt(input_size)
     for i, e in enumerate(eps):
         if not math.isfinite(e) or e < 0 or e > top:
             raise InvalidInput(f"eps[{i}] = {e} is outside [0, {top:g}] for {req.norm} on [0, 1] images")
     return AuditSpec(
         eps=sorted(set(eps)),
-        attacks=runs,
-        norm=req.norm,
+        suite=suite,
         precision=req.precision,
         compile=req.compile,
         seed=req.seed,
@@ -143,9 +144,8 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     assert served.card is not None and served.engine is not None
     card = served.card
     info = dataset_info(card.dataset)
-    train_eps = float(card.train_config.get("adv", {}).get("eps") or info.train_eps)
     c, h, w = card.input_shape
-    spec = _spec(req, train_eps, c * h * w)
+    spec = _spec(req, card.train_eps, c * h * w)
     manager = audits(request)
     audit_id = manager.new_id()
     job: dict[str, Any] = {"id": audit_id, "out_dir": str(manager.out_dir)}
@@ -196,20 +196,12 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     job.update(
         model_dir=str(served.path),
         weights_sha256=card.weights_sha256,
-        device=_device(settings.audit_device),
+        device=settings.audit_device,
         threads=settings.audit_threads or default_threads(),
         niceness=settings.audit_niceness,
         sched_idle=settings.audit_sched_idle,
         data={"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
-        spec={
-            "eps": spec.eps,
-            "attacks": [{"name": a.name, "params": a.params} for a in spec.attacks],
-            "norm": spec.norm,
-            "precision": spec.precision,
-            "compile": spec.compile,
-            "seed": spec.seed,
-            "checks": spec.checks,
-        },
+        spec=spec.to_dict(),
         request=request_record,
         work=work,
     )
@@ -220,14 +212,6 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
         status=202,
         headers={"Location": f"/admin/audits/{audit_id}"},
     )
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _audit(request: Request, audit_id: str) -> Audit:

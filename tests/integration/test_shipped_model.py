@@ -73,7 +73,9 @@ def test_the_shipped_model_resists_a_quick_pgd() -> None:
 def test_the_shipped_typicality_score_separates_fashion_from_digits() -> None:
     """docs/typicality.md measures AUROC 0.978 on 5,000 + 5,000 images; on 300 + 300 it must stay
     well above chance, and the served threshold must flag few held-out digits and most clothes."""
-    from training.typicality import Typicality, auroc, calibration_split, embed
+    from training.typicality import Typicality, calibration_split
+    from training.typicality.evaluate import auroc
+    from training.typicality.fit import embed
 
     model, card = load_model(MODEL, torch.device("cpu"))
     typ = Typicality.from_dict(card.typicality)

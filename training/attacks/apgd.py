@@ -4,7 +4,9 @@ ensemble of diverse parameter-free attacks" (ICML 2020), Algorithm 1.
 APGD is PGD without a step-size parameter: it starts with step ``eta = 2 * eps``, adds momentum to
 every step, and at a few checkpoints halves the step (per sample) and jumps back to the best point
 found so far whenever progress stalls. Losses: cross-entropy (APGD-CE) and the Difference of Logits
-Ratio (APGD-DLR), which is invariant to shifting and rescaling the logits.
+Ratio (APGD-DLR), which is invariant to shifting and rescaling the logits. APGD-T
+(:func:`apgd_targeted`) runs the same algorithm on the targeted DLR loss against each of the
+most likely other classes in turn, as AutoAttack's standard suite does.
 
 The function follows the attack contract of :mod:`training.attacks.pgd` (ball and box, mode and
 parameters untouched, per-sample ``eps``, ``generator`` for every random draw, losses in float32
@@ -31,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from training.attacks.registry import AttackDef, register
 from training.attacks.steps import L2Step, LinfStep, Radius, get_step, per_sample
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -78,6 +81,31 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = z.gather(1, y[:, None]).squeeze(1)
     other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(dim=1)
     return -(true - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR per sample: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``.
+
+    Croce & Hein (2020), Section 3.2: the attacker raises the target's logit over the true one; the
+    denominator (top logit minus the mean of the third and fourth) keeps the loss invariant to
+    shifting and rescaling the logits. With exactly 3 classes the denominator is ``z_pi1 - z_pi3``
+    (there is no fourth logit; the same invariances hold).
+
+    Args:
+        logits: ``[N, K]`` with ``K >= 3`` (computed in float32).
+        y: true labels ``[N]``; target: target labels ``[N]``.
+
+    Returns:
+        ``[N]`` float32 losses; positive once the target's logit exceeds the true one.
+    """
+    z = logits.float()
+    if z.shape[1] < 3:
+        raise ValueError(f"the targeted DLR loss needs at least 3 classes, got {z.shape[1]}")
+    top = z.sort(dim=1, descending=True).values
+    below = 0.5 * (top[:, 2] + top[:, 3]) if z.shape[1] >= 4 else top[:, 2]
+    true = z.gather(1, y[:, None]).squeeze(1)
+    tgt = z.gather(1, target[:, None]).squeeze(1)
+    return -(true - tgt) / (top[:, 0] - below + 1e-12)
 
 
 def _ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -273,4 +301,102 @@ def apgd(
     return out.detach()
 
 
-__all__ = ["LOSSES", "apgd", "apgd_checkpoints", "dlr_loss"]
+def apgd_targeted(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: Radius,
+    norm: str = "linf",
+    steps: int = 100,
+    n_target_classes: int = 9,
+    restarts: int = 1,
+    rho: float = 0.75,
+    alpha: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """APGD-T (Croce & Hein, 2020): APGD on the targeted DLR loss, once per target class.
+
+    The targets are the clean images' most likely classes after the top one (the 2nd, 3rd, ...,
+    ``n_target_classes + 1``-th logit), as in AutoAttack; each target's run (``restarts`` times
+    ``steps`` gradient evaluations, the step-size schedule and checkpoints of :func:`apgd`) attacks
+    only the samples no earlier target fooled. Success is any misclassification, not the target.
+
+    Args:
+        model, x, y, eps, norm, steps, restarts, rho, alpha, generator: as in :func:`apgd`.
+        n_target_classes: how many target classes to try in turn (at most ``K - 1``).
+
+    Returns:
+        Adversarial images ``[N, C, H, W]`` in the ball and [0, 1], detached: per sample the first
+        misclassified iterate found, else the point of highest targeted-DLR loss over all targets.
+    """
+    if steps < 1 or restarts < 1 or n_target_classes < 1:
+        raise ValueError(
+            f"need steps, restarts and n_target_classes >= 1, got {steps}, {restarts}, {n_target_classes}"
+        )
+    if not (0.0 < rho <= 1.0 and 0.0 < alpha <= 1.0):
+        raise ValueError(f"need rho and alpha in (0, 1], got rho={rho}, alpha={alpha}")
+    step = get_step(norm)
+    x = x.detach()
+    y = y.detach()
+    eps_t = per_sample(eps, x)
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    with torch.no_grad():
+        order = model(x).float().argsort(dim=1, descending=True)
+    targets = min(n_target_classes, order.shape[1] - 1)
+
+    out = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+    for k in range(1, targets + 1):
+        target = order[:, k]
+        for _ in range(restarts):
+            idx = (~fooled).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return out.detach()
+            t_idx = target[idx]
+
+            def loss_fn(logits: torch.Tensor, yy: torch.Tensor, t: torch.Tensor = t_idx) -> torch.Tensor:
+                return dlr_targeted_loss(logits, yy, t)
+
+            res = _run(
+                model, x[idx], y[idx], eps_t[idx], step, loss_fn, steps, rho, alpha, checkpoints, generator
+            )
+            with torch.no_grad():
+                out[idx[res.fooled]] = res.x_fool[res.fooled]
+                fooled[idx[res.fooled]] = True
+                keep = ~res.fooled & (res.f_max > best_loss[idx])
+                out[idx[keep]] = res.x_max[keep]
+                best_loss[idx[keep]] = res.f_max[keep]
+    return out.detach()
+
+
+def _restarts(p: dict[str, object]) -> str:
+    return f"x{p['restarts']}" if p["restarts"] != 1 else ""
+
+
+APGD = register(
+    AttackDef(
+        name="apgd",
+        fn=apgd,
+        norms=("linf", "l2"),
+        defaults={"steps": 100, "restarts": 1, "loss": "ce"},
+        label=lambda p: f"APGD-{str(p['loss']).upper()}-{p['steps']}{_restarts(p)}",
+        cost=lambda p: p["steps"] * p["restarts"],
+        description="Auto-PGD (Croce & Hein 2020): momentum, step 2 eps halved at checkpoints; CE or DLR",
+        choices={"loss": tuple(LOSSES)},
+    )
+)
+APGD_T = register(
+    AttackDef(
+        name="apgd-t",
+        fn=apgd_targeted,
+        norms=("linf", "l2"),
+        defaults={"steps": 100, "restarts": 1, "n_target_classes": 9},
+        label=lambda p: f"APGD-T{p['n_target_classes']}-{p['steps']}{_restarts(p)}",
+        cost=lambda p: p["steps"] * p["restarts"] * p["n_target_classes"],
+        description="targeted APGD on the targeted DLR loss, the most likely other classes in turn",
+    )
+)
+
+__all__ = ["LOSSES", "apgd", "apgd_checkpoints", "apgd_targeted", "dlr_loss", "dlr_targeted_loss"]

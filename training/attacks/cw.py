@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from training.attacks.pgd import margin_loss
+from training.attacks.registry import AttackDef, register
 from training.attacks.steps import Radius, per_sample
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -159,5 +160,19 @@ def cw_l2(
         keep &= (best - x).flatten(1).float().norm(dim=1) <= radius
     return torch.where(keep.reshape(-1, *([1] * (x.ndim - 1))), best, x).detach()
 
+
+CW = register(
+    AttackDef(
+        name="cw",
+        fn=cw_l2,
+        norms=("l2",),
+        defaults={"steps": 100, "binary_steps": 5, "lr": 0.1},
+        label=lambda p: f"CW-{p['binary_steps']}x{p['steps']}",
+        cost=lambda p: p["steps"] * p["binary_steps"],
+        iterative=False,
+        minimum_norm=True,
+        description="Carlini-Wagner l2 (2017): Adam in tanh space, binary search over c; smallest example",
+    )
+)
 
 __all__ = ["cw_l2", "rms_to_l2"]

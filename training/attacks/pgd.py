@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from training.attacks.registry import AttackDef, register
 from training.attacks.steps import Radius, get_step, per_sample
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -136,3 +137,37 @@ def pgd(
 def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius, loss: str = "ce") -> torch.Tensor:
     """Fast gradient sign method: one l_inf step of size eps from the clean image."""
     return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, loss=loss, keep_best=False)
+
+
+def _pgd_label(p: dict[str, object]) -> str:
+    loss = "" if p["loss"] == "ce" else f"{str(p['loss']).upper()}-"
+    restarts = f"x{p['restarts']}" if p["restarts"] != 1 else ""
+    last = " last-iterate" if not p["keep_best"] else ""
+    return f"PGD-{loss}{p['steps']}{restarts}{last}"
+
+
+PGD = register(
+    AttackDef(
+        name="pgd",
+        fn=pgd,
+        norms=("linf", "l2"),
+        defaults={"steps": 40, "restarts": 1, "loss": "ce", "keep_best": True},
+        label=_pgd_label,
+        cost=lambda p: p["steps"] * p["restarts"],
+        description="projected gradient descent (Madry et al. 2018), random start, step 2.5*eps/steps",
+        choices={"loss": ("ce", "margin")},
+    )
+)
+FGSM = register(
+    AttackDef(
+        name="fgsm",
+        fn=fgsm,
+        norms=("linf",),
+        defaults={},
+        label=lambda p: "FGSM",
+        cost=lambda p: 1.0,
+        iterative=False,
+        description="fast gradient sign method (Goodfellow et al. 2015): one sign step of size eps",
+        choices={"loss": ("ce", "margin")},
+    )
+)

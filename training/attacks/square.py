@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from training.attacks.pgd import margin_loss
+from training.attacks.registry import AttackDef, register
 from training.attacks.steps import Radius, per_sample
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -188,5 +189,20 @@ def square_linf(
         best_loss[idx[keep]] = cur_loss[keep]
     return out.detach()
 
+
+SQUARE = register(
+    AttackDef(
+        name="square",
+        fn=square_linf,
+        norms=("linf",),
+        defaults={"queries": 1000, "restarts": 1},
+        label=lambda p: f"Square-{p['queries']}" + (f"x{p['restarts']}" if p["restarts"] != 1 else ""),
+        cost=lambda p: p["queries"] * p["restarts"] / 3.0,  # forward-only queries
+        gradient=False,
+        iterative=False,
+        description="Square Attack (Andriushchenko et al. 2020): score-based random search, no gradients",
+        choices={"loss": _LOSSES},
+    )
+)
 
 __all__ = ["square_linf", "square_p", "square_side", "stripes_init"]

@@ -15,12 +15,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from training.errors import ErcError
+
 __all__ = ["DataError", "DatasetInfo", "ImageSet", "checksum_file", "md5_bytes", "subset_indices"]
 
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(ErcError):
     """A data file is missing, corrupt, truncated or disagrees with its siblings or checksum.
 
     The message always names the offending path and what is wrong with it; ``path`` holds that

@@ -51,6 +51,7 @@ from training.data.tiny_imagenet import (
     read_tiny_imagenet_split,
     read_wnids,
 )
+from training.errors import UnknownName
 
 __all__ = [
     "SPLITS",
@@ -356,7 +357,7 @@ def _canonical(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in _SPECS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(_SPECS)}")
+        raise UnknownName(f"unknown dataset {name!r}; known: {', '.join(_SPECS)}")
     return key
 
 

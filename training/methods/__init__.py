@@ -19,6 +19,7 @@ import torch
 
 from training.config import TrainConfig
 from training.data import DatasetInfo
+from training.errors import UnknownName
 from training.methods.base import Method
 from training.methods.baseline import MadryMethod, RSEMethod, StandardMethod
 from training.methods.er import EClaMethod, ERMethod, ERMinusMethod, VAEClaMethod
@@ -33,7 +34,7 @@ def get_method(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+        raise UnknownName(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
 
 
 def create_method(

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.attacks import pgd
-from training.config import TrainConfig
+from training.config import TrainConfig, training_eps
 from training.data import DatasetInfo
 from training.models import EmbeddingClassifier, arch_for, create_model
 
@@ -43,7 +43,7 @@ class Method:
             raise TypeError(f"architecture {self.arch!r} is not an EmbeddingClassifier")
         self.model: EmbeddingClassifier = self._place(model)
         self.minmax = cfg.method.minmax if cfg.method.minmax is not None else self.minmax_default
-        self.eps = cfg.adv.eps if cfg.adv.eps is not None else info.train_eps
+        self.eps = training_eps(cfg, info.name)
         self.eps_now = self.eps if cfg.adv.warmup_epochs <= 0 else 0.0
         # The network the inner maximisation differentiates; compiled separately when asked,
         # since most of a min-max step is spent there.

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from training.errors import UnknownName
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -36,7 +38,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         builder = _MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(list_models())}") from None
+        raise UnknownName(f"unknown architecture {name!r}; known: {', '.join(list_models())}") from None
     return builder(**kwargs)
 
 
@@ -58,9 +60,10 @@ _FAMILY_PREFIX = {
 def arch_for(dataset: str, family: str) -> str:
     """Architecture name for a dataset and a family (``"er"`` or ``"baseline"``)."""
     if dataset not in _ARCH_DATASET:
-        raise KeyError(f"no architecture for dataset {dataset!r}; known: {', '.join(sorted(_ARCH_DATASET))}")
+        known = ", ".join(sorted(_ARCH_DATASET))
+        raise UnknownName(f"no architecture for dataset {dataset!r}; known: {known}")
     if family not in _FAMILY_PREFIX:
-        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(_FAMILY_PREFIX))}")
+        raise UnknownName(f"unknown model family {family!r}; known: {', '.join(sorted(_FAMILY_PREFIX))}")
     suffix = _ARCH_DATASET[dataset]
     return f"{_FAMILY_PREFIX[family][suffix]}_{suffix}"
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.audit.engine import AttackRun, AuditCancelled, AuditSpec, Engine, Progress, embedding_view
+from service.audit.engine import AuditCancelled, AuditSpec, Engine, Progress, embedding_view
 from service.audit.runner import checks_cost, run_audit
+from training.attacks import Suite, build_attack
 
 N = 96
 
@@ -58,7 +59,16 @@ def _model_info() -> dict:
 def test_robust_accuracy_matches_the_closed_form() -> None:
     x, y, margin = _data()
     eps = [0.0, 0.1, 0.2, 0.3]
-    spec = AuditSpec(eps=eps, attacks=[AttackRun("fgsm"), AttackRun("pgd", {"steps": 10})], batch_size=64)
+    spec = AuditSpec(
+        eps=eps,
+        suite=Suite(
+            (
+                build_attack("fgsm"),
+                build_attack("pgd", {"steps": 10}),
+            )
+        ),
+        batch_size=64,
+    )
     result = run_audit(
         Brightness(), x, y, spec, device=torch.device("cpu"), model_info=_model_info(), data_info={}
     )
@@ -78,7 +88,12 @@ def test_masked_gradients_are_flagged() -> None:
     x, y, _ = _data()
     spec = AuditSpec(
         eps=[0.0, 0.3],
-        attacks=[AttackRun("pgd", {"steps": 10}), AttackRun("square", {"queries": 200})],
+        suite=Suite(
+            (
+                build_attack("pgd", {"steps": 10}),
+                build_attack("square", {"queries": 200}),
+            )
+        ),
         batch_size=64,
     )
     result = run_audit(
@@ -104,7 +119,9 @@ def test_masked_gradients_are_flagged() -> None:
 
 def test_progress_moves_within_a_batch_and_ends_at_the_plan() -> None:
     x, y, _ = _data()
-    spec = AuditSpec(eps=[0.1, 0.2], attacks=[AttackRun("pgd", {"steps": 20})], batch_size=256, checks=False)
+    spec = AuditSpec(
+        eps=[0.1, 0.2], suite=Suite((build_attack("pgd", {"steps": 20}),)), batch_size=256, checks=False
+    )
     progress = Progress(total=spec.work(N))
     seen: list[float] = []
 
@@ -125,7 +142,9 @@ def test_progress_moves_within_a_batch_and_ends_at_the_plan() -> None:
 
 def test_cancel_interrupts_a_running_batch() -> None:
     x, y, _ = _data()
-    spec = AuditSpec(eps=[0.3], attacks=[AttackRun("pgd", {"steps": 1000})], batch_size=256, checks=False)
+    spec = AuditSpec(
+        eps=[0.3], suite=Suite((build_attack("pgd", {"steps": 1000}),)), batch_size=256, checks=False
+    )
     cancel = threading.Event()
     calls = 0
 
@@ -146,7 +165,7 @@ def test_cancel_interrupts_a_running_batch() -> None:
 def test_the_served_model_is_left_alone() -> None:
     model = Brightness().train()
     x, y, _ = _data()
-    spec = AuditSpec(eps=[0.1], attacks=[AttackRun("pgd", {"steps": 3})], checks=False)
+    spec = AuditSpec(eps=[0.1], suite=Suite((build_attack("pgd", {"steps": 3}),)), checks=False)
     Engine(model, spec, device=torch.device("cpu")).run(x, y)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
@@ -154,9 +173,9 @@ def test_the_served_model_is_left_alone() -> None:
 
 
 def test_checks_cost_is_part_of_the_plan() -> None:
-    spec = AuditSpec(eps=[0.0, 0.1], attacks=[AttackRun("pgd", {"steps": 10})])
+    spec = AuditSpec(eps=[0.0, 0.1], suite=Suite((build_attack("pgd", {"steps": 10}),)))
     assert checks_cost(spec, 1000) > 0
-    assert checks_cost(AuditSpec(eps=[0.1], attacks=spec.attacks, checks=False), 1000) == 0
+    assert checks_cost(AuditSpec(eps=[0.1], suite=spec.suite, checks=False), 1000) == 0
 
 
 def test_compiled_attacks_agree_with_eager() -> None:
@@ -165,7 +184,9 @@ def test_compiled_attacks_agree_with_eager() -> None:
     x, y, _ = _data()
     results = {}
     for mode in ("off", "on"):
-        spec = AuditSpec(eps=[0.1, 0.2], attacks=[AttackRun("pgd", {"steps": 5})], compile=mode, checks=False)
+        spec = AuditSpec(
+            eps=[0.1, 0.2], suite=Suite((build_attack("pgd", {"steps": 5}),)), compile=mode, checks=False
+        )
         results[mode] = run_audit(
             Brightness(), x, y, spec, device=torch.device("cpu"), model_info=_model_info(), data_info={}
         )
@@ -177,7 +198,7 @@ def test_compiled_attacks_agree_with_eager() -> None:
 
 def test_a_compiler_failure_falls_back_to_eager() -> None:
     x, y, _ = _data()
-    spec = AuditSpec(eps=[0.1], attacks=[AttackRun("pgd", {"steps": 3})], compile="on", checks=False)
+    spec = AuditSpec(eps=[0.1], suite=Suite((build_attack("pgd", {"steps": 3}),)), compile="on", checks=False)
     engine = Engine(Brightness(), spec, device=torch.device("cpu"))
 
     def broken(_: torch.Tensor) -> torch.Tensor:

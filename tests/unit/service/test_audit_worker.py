@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from service.audit import worker
-from service.audit.engine import AttackRun, AuditSpec, make_attack
+from service.audit.engine import AuditSpec
+from training.attacks import build_attacks
 from training.config import load_config
 from training.export import export_run
 from training.train import run_training
@@ -86,25 +87,6 @@ def test_writes_json_and_html(store: Path, tmp_path: Path) -> None:
     assert Path(paths["html"]).read_text().startswith("<!doctype html>")
 
 
-def test_attack_validation() -> None:
-    assert make_attack("pgd", {"steps": 3}, "l2").kwargs("l2") == {"steps": 3, "restarts": 1, "norm": "l2"}
-    # Ints count as floats; the right types pass.
-    make_attack("pgd", {"alpha": 1, "keep_best": False, "loss": "margin"}, "linf")
-    make_attack("cw", {"c": 1, "lr": 0.05, "abort_early": False}, "l2")
-    for name, params, norm, match in [
-        ("pgd", {"step": 3}, "linf", "step"),
-        ("fgsm", {}, "l2", "linf"),
-        ("nope", {}, "linf", "unknown attack"),
-        ("pgd", {"steps": -1}, "linf", "positive"),
-        ("pgd", {"alpha": "x"}, "linf", "alpha must be a finite number"),
-        ("pgd", {"alpha": float("nan")}, "linf", "finite number"),
-        ("pgd", {"keep_best": 1}, "linf", "keep_best must be true or false"),
-        ("pgd", {"loss": 3}, "linf", "loss must be a string"),
-        ("apgd", {"rho": True}, "linf", "rho must be a finite number"),
-        ("cw", {"abort_early": "yes"}, "l2", "abort_early"),
-        ("square", {"p_init": [0.8]}, "linf", "p_init"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            make_attack(name, params, norm)
-    spec = AuditSpec(eps=[0, 0.1, 0.2], attacks=[AttackRun("pgd", {"steps": 10}), AttackRun("fgsm")])
+def test_audit_work_counts_eps_levels_and_attack_costs() -> None:
+    spec = AuditSpec(eps=[0, 0.1, 0.2], suite=build_attacks([("pgd", {"steps": 10}), ("fgsm", {})]))
     assert spec.work(100) == 100 * 2 * (10 + 1)

@@ -152,9 +152,15 @@ def test_train_eval_export_end_to_end(erc_env: dict, tmp_path: Path) -> None:
     card = json.loads((tmp_path / "store" / "tiny" / "card.json").read_text())
     attacks = [(m["attack"] or {}).get("name") for m in card["metrics"]]
     assert attacks == [None, "pgd", "apgd"] and card["metrics"][2]["attack"]["loss"] == "dlr"
-    for bad in (["--attack", "apgd", "--loss", "margin"], ["--attack", "pgd", "--loss", "dlr"]):
+    for bad, why in (
+        (
+            ["--attack", "apgd", "--loss", "margin"],
+            "attack 'apgd': loss must be one of ce, dlr, got 'margin'",
+        ),
+        (["--attack", "pgd", "--loss", "dlr"], "attack 'pgd': loss must be one of ce, margin, got 'dlr'"),
+    ):
         res = _erc(["eval", "tiny", *store, *bad], erc_env, tmp_path)
-        assert res.returncode != 0 and "does not go with" in res.stderr
+        assert res.returncode == 1 and res.stderr == f"erc: {why}\n"
 
     # Typicality: refit into the card, then measure it (tiny budgets: this checks the plumbing).
     where = ["--store", str(tmp_path / "store")]
@@ -220,7 +226,7 @@ def test_data_list_and_info(erc_env: dict, tmp_path: Path) -> None:
 
 
 def test_attack_arguments_parse_to_typed_values() -> None:
-    from service.cli import _attack_arg
+    from service.cli._common import attack_arg as _attack_arg
 
     assert _attack_arg("cw:c=1e-2,steps=50,abort_early=false,lr=0.1") == (
         "cw",

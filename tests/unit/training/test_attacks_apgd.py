@@ -14,7 +14,7 @@ from training.attacks import ATTACKS, apgd, apgd_checkpoints, dlr_loss, fgsm, ge
 
 
 def test_registered() -> None:
-    assert ATTACKS["apgd"] is apgd
+    assert ATTACKS["apgd"].fn is apgd
 
 
 def test_checkpoints_follow_the_paper() -> None:

@@ -29,7 +29,7 @@ class QueryOnly:
 
 
 def test_registered() -> None:
-    assert ATTACKS["square"] is square_linf
+    assert ATTACKS["square"].fn is square_linf
 
 
 def test_p_schedule_and_side() -> None:

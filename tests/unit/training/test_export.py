@@ -10,10 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.card import CARD_FILE, WEIGHTS_FILE, CardError, load_model, read_card
+from training.attacks import build_attack
+from training.card import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    CardError,
+    append_card_metrics,
+    load_model,
+    model_from_checkpoint,
+    read_card,
+    resolve_model,
+)
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.export import append_card_metrics, export_run, model_from_checkpoint, resolve_model
+from training.export import export_run
 from training.train import run_training
 
 
@@ -64,7 +74,15 @@ def test_round_trip_gives_identical_logits_and_drops_the_discriminator(run_dir: 
 
 
 def test_float16_storage_and_robust_metric(run_dir: Path, tmp_path: Path) -> None:
-    path = export_run(run_dir, "half", tmp_path, dtype="float16", eval_n=50, robust_steps=3, device="cpu")
+    path = export_run(
+        run_dir,
+        "half",
+        tmp_path,
+        dtype="float16",
+        eval_n=50,
+        robust=[build_attack("pgd", {"steps": 3})],
+        device="cpu",
+    )
     assert all(v.dtype in (torch.float16, torch.int64) for v in load_file(str(path / WEIGHTS_FILE)).values())
     model, card = load_model(path)
     assert card.weights_dtype == "float16" and next(model.parameters()).dtype == torch.float32

@@ -16,14 +16,9 @@ from training.card import read_card, sha256_file
 from training.config import load_config
 from training.export import add_typicality, export_run
 from training.train import run_training
-from training.typicality import (
-    Typicality,
-    adaptive_pgd,
-    auroc,
-    calibration_split,
-    fit,
-    tpr_at_fpr,
-)
+from training.typicality import Typicality, calibration_split
+from training.typicality.evaluate import auroc, tpr_at_fpr
+from training.typicality.fit import fit
 
 
 def _clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,22 +120,3 @@ def test_export_fits_it_and_refit_leaves_the_weights_alone(run_dir: Path, tmp_pa
     assert sha256_file(path / "weights.safetensors") == sha == read_card(path).weights_sha256
     none = export_run(run_dir, "n", tmp_path, eval_n=100, device="cpu", typicality_fit_n=0)
     assert read_card(none).typicality == {}
-
-
-def test_adaptive_attack_stays_in_the_ball(run_dir: Path, tmp_path: Path) -> None:
-    from training.card import load_model
-    from training.data import load_split
-    from training.evaluate import to_unit
-
-    path = export_run(run_dir, "m", tmp_path, eval_n=100, device="cpu", typicality_fit_n=1000)
-    model, card = load_model(path, torch.device("cpu"))
-    typ = Typicality.from_dict(card.typicality)
-    test = load_split("mnist", "test", n=16, seed=0)
-    x = to_unit(test.images, torch.device("cpu"))
-    model.train()
-    adv = adaptive_pgd(
-        model, typ, x, test.labels, eps=0.1, steps=5, lam=10.0, generator=torch.Generator().manual_seed(0)
-    )
-    assert model.training, "the attack restores the model's mode"
-    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    assert all(p.grad is None for p in model.parameters())

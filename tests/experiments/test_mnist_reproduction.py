@@ -1,6 +1,7 @@
-"""The reproduction scheduler (``python -m training.reproduce``): its plan, a smoke-scale run of the
-default model's worker end to end on the CPU (train, export, evaluations, embeddings, pack and
-unpack), and the report's tables."""
+"""The reproduction experiment (``python -m experiments.mnist_reproduction``): its plan, a
+smoke-scale run of the default model's worker end to end on the CPU (train, export, evaluations,
+embeddings, pack and unpack, every step through the real ``erc`` command line, recorded as it ran),
+and the report's tables."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from training.reproduce import FIGURE_EPS, MAIN_NAME, SCALES, TABLE1_EPS, plan
-from training.reproduce_report import Point, attack_key, best, row, table1
+from experiments.mnist_reproduction.plan import FIGURE_EPS, MAIN_NAME, SCALES, TABLE1_EPS, plan
+from experiments.mnist_reproduction.report import Point, attack_key, best, row, table1
+from service.cli import build_parser
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "experiments.mnist_reproduction"
 
 
 def test_plan_covers_table1_and_the_ablation_figures() -> None:
@@ -27,8 +30,13 @@ def test_plan_covers_table1_and_the_ablation_figures() -> None:
     assert main.overrides["method.name"] == "er" and main.overrides["model.width"] == 1.0
     # The paper's attack comes first, on the whole test set, at every Table 1 eps.
     first = main.evals[0]
-    assert (first.attack, first.steps, first.restarts, first.last_iterate) == ("pgd", 40, 1, True)
+    assert (first.attack, first.params) == ("pgd", {"steps": 40, "keep_best": False})
     assert first.n is None and first.eps == TABLE1_EPS
+    # Every evaluation is a valid `erc eval` command line.
+    for job in jobs.values():
+        for ev in job.evals:
+            args = build_parser().parse_args(ev.argv("model", "out"))
+            assert args.cmd == "eval" and args.attack[0][0] == ev.attack
     # The ablations of Figures 3-5 are trained without min-max, as in the paper.
     for name in ("e-cla", "vae-cla", "prior-uniform", "prior-cauchy", "dim-2", "er-minus"):
         assert jobs[name].overrides.get("run.compile") is None
@@ -48,7 +56,7 @@ def test_second_stage_plan_continues_the_default_model() -> None:
 
 def test_smoke_run_of_the_default_model_worker(tmp_path: Path) -> None:
     out, packed, unpacked = tmp_path / "r", tmp_path / "packed", tmp_path / "u"
-    cmd = [sys.executable, "-m", "training.reproduce", "run", "--out", str(out), "--scale", "smoke"]
+    cmd = [sys.executable, "-m", MODULE, "run", "--out", str(out), "--scale", "smoke"]
     cmd += ["--budget-s", "300", "--workers", "main", "--pack", str(packed)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -61,8 +69,11 @@ def test_smoke_run_of_the_default_model_worker(tmp_path: Path) -> None:
         assert ev["status"] == "done"
         accs = [p["accuracy"] for p in ev["points"]]
         assert all(0 <= a <= accs[0] + 1e-9 for a in accs)  # never above the clean accuracy
-    assert evals["pgd40"]["command"].startswith("erc eval ") and "--last-iterate" in evals["pgd40"]["command"]
-    assert rec["commands"][0].startswith("erc train --config training/configs/mnist-er.yaml")
+    assert evals["pgd40"]["command"].startswith("erc eval ")
+    assert "pgd:steps=3,keep_best=false" in evals["pgd40"]["command"]
+    assert evals["pgd40"]["attack"]["keep_best"] is False
+    assert rec["commands"][0].startswith(f"erc train --config {REPO}/training/configs/mnist-er.yaml")
+    assert any(c.startswith("erc export ") for c in rec["commands"])
     assert rec["embeddings"]["status"] == "done"
     card = json.loads((out / "model_store" / MAIN_NAME / "card.json").read_text())
     assert card["weights_dtype"] == "float16" and card["notes"].startswith("SMOKE-SCALE")
@@ -70,7 +81,7 @@ def test_smoke_run_of_the_default_model_worker(tmp_path: Path) -> None:
     assert robust and robust[0]["attack"]["restarts"] == SCALES["smoke"].strong_restarts
     assert {p.name for p in packed.iterdir()} == {"results.tar.gz", "model.tar.part0"}
     subprocess.run(
-        [sys.executable, "-m", "training.reproduce", "unpack", str(packed), str(unpacked)],
+        [sys.executable, "-m", MODULE, "unpack", str(packed), str(unpacked)],
         cwd=REPO,
         check=True,
     )
@@ -80,7 +91,7 @@ def test_smoke_run_of_the_default_model_worker(tmp_path: Path) -> None:
     assert json.loads((unpacked / "jobs" / "er" / "job.json").read_text())["status"] == "done"
     assert not list(unpacked.rglob("*.pt"))  # checkpoints stay behind
     report = subprocess.run(
-        [sys.executable, "-m", "training.reproduce", "report", str(unpacked), "--out", str(tmp_path / "doc")],
+        [sys.executable, "-m", MODULE, "report", str(unpacked), "--out", str(tmp_path / "doc")],
         cwd=REPO,
         capture_output=True,
         text=True,

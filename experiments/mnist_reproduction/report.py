@@ -1,7 +1,7 @@
-"""Tables and plots of docs/reproduction.md from the result folders of ``training.reproduce run``
-(and the metrics of the shipped model's card).
+"""Tables and plots of docs/reproduction.md from the result folders of ``run`` (and the metrics of
+the shipped model's card).
 
-    python -m training.reproduce report docs/reproduction/results/h200-run1 \\
+    python -m experiments.mnist_reproduction report docs/reproduction/results/h200-run1 \\
         docs/reproduction/results/h200-run2 --card model_store/mnist-er/card.json --out docs/reproduction
 
 Every number comes from a result file; each table cell is the evaluation with the largest ``n``
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from experiments.mnist_reproduction.plan import FIGURE_EPS, TABLE1_EPS
 
 PAPER_TABLE1 = {  # the paper's Table 1, MNIST, PGD (its attack settings are not stated beyond "PGD")
     "Madry's Adv": [98.7, 97.5, 93.8, 85.5, 20.8],
@@ -203,8 +205,6 @@ def bench_table(bench: dict[str, Any]) -> str:
 
 
 def report(dirs: Sequence[Path], card_path: Path | None, out: Path) -> str:
-    from training.reproduce import FIGURE_EPS, TABLE1_EPS
-
     out.mkdir(parents=True, exist_ok=True)
     jobs = load_runs(dirs)
     points: list[Point] = []

@@ -1,0 +1,5 @@
+"""``python -m service.cli`` is ``erc``."""
+
+from service.cli import main
+
+raise SystemExit(main())

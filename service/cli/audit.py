@@ -1,0 +1,131 @@
+"""``erc audit``: a robustness audit of a model on its test split: attacks, sanity checks, JSON +
+self-contained HTML report (the same runner as ``POST /admin/audits``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.cli._common import add_attack_args, add_model_args, floats, out, suite_from_args
+
+
+def register(sub: Any) -> None:
+    au = sub.add_parser(
+        "audit", help="robustness audit of a model: attacks, sanity checks, JSON + HTML report"
+    )
+    add_model_args(au)
+    au.add_argument("--dataset", help="test split of this dataset (default: the model's)")
+    au.add_argument("--data-dir")
+    au.add_argument("--n", type=int, default=500, help="samples drawn from the test split")
+    au.add_argument("--data-seed", type=int, default=0)
+    au.add_argument("--eps", type=floats, help="radii (default: 0, half and all of the training eps)")
+    add_attack_args(
+        au,
+        default="fgsm, pgd:steps=40, apgd:steps=100 (those that implement --norm)",
+        several="each attack's figure and their per-sample union are reported",
+    )
+    au.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="bf16 autocast, checked against fp32 on a subset (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    au.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the attacked model (auto: on CUDA only)",
+    )
+    au.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
+    au.add_argument("--batch-size", type=int, default=256)
+    au.add_argument("--out", default="audit", help="folder for audit.json and report.html")
+    au.add_argument("--no-progress", action="store_true")
+    au.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.audit.engine import AuditSpec, Progress
+    from service.audit.report import render
+    from service.audit.runner import checks_cost, default_eps, run_audit
+    from training.attacks import default_attacks
+    from training.card import resolve_model
+    from training.checkpoint import atomic_write_text
+    from training.data import load_split
+    from training.devices import resolve_device
+
+    defaults = [(a.name, dict(a.params)) for a in default_attacks(args.norm).attacks]
+    suite = suite_from_args(args, default=defaults)
+    device = resolve_device(args.device)
+    loaded = resolve_model(args.model, args.store, args.device)
+    spec = AuditSpec(
+        eps=sorted(set(args.eps)) if args.eps else default_eps(loaded.train_eps),
+        suite=suite,
+        precision=args.precision,
+        compile=args.compile,
+        seed=args.seed,
+        checks=not args.no_checks,
+        batch_size=args.batch_size,
+    )
+    dataset = args.dataset or loaded.dataset
+    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed)
+    x, y = data.as_float(), data.labels
+    progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
+    done = threading.Event()
+
+    def show() -> None:
+        with tqdm(total=100, desc="audit", unit="%", disable=args.no_progress, dynamic_ncols=True) as bar:
+            while not done.wait(0.5):
+                snap = progress.snapshot()
+                bar.n = int(100 * snap["fraction"])
+                bar.set_postfix_str(snap["stage"])
+                bar.refresh()
+            bar.n = 100
+            bar.refresh()
+
+    shower = threading.Thread(target=show, daemon=True)
+    shower.start()
+    info = {
+        "name": loaded.name,
+        "weights_sha256": loaded.weights_sha256,
+        "source": loaded.source,
+        "path": str(loaded.path),
+        "dataset": loaded.dataset,
+    }
+    try:
+        result = run_audit(
+            loaded.model,
+            x,
+            y,
+            spec,
+            device=device,
+            model_info=info,
+            data_info={"source": "test", "dataset": dataset, "n": len(x), "seed": args.data_seed},
+            progress=progress,
+        )
+    finally:
+        done.set()
+        shower.join()
+    folder = Path(args.out)
+    atomic_write_text(folder / "audit.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(folder / "report.html", render(result))
+    where = result["environment"]["device"]
+    out(f"{loaded.name} ({loaded.source}), {dataset} test n={len(x)}, {spec.norm}, {where}")
+    out(f"clean accuracy {100 * result['clean']['accuracy']:.2f}%")
+    labels = [a["label"] for a in result["attacks"]]
+    if result["suite"]["cascade"]:
+        suite = result["suite"]["label"]
+        out(f"{suite} runs as a cascade: a column is the worst case of its attack and those before")
+    out(f"{'eps':>8} {'worst':>8} " + " ".join(f"{lb:>12}" for lb in labels))
+    for row in result["per_eps"]:
+        cells = " ".join(f"{100 * row['attacks'][lb]['accuracy']:11.2f}%" for lb in labels)
+        out(f"{row['eps']:8.4f} {100 * row['union']['accuracy']:7.2f}% {cells}")
+    for c in result["checks"]:
+        out(f"  [{c['status'].upper():4}] {c['name']}: {c['message']}")
+    out(f"wrote {folder / 'audit.json'} and {folder / 'report.html'} ({result['timings_s']['total']:.1f} s)")
+    return 0
