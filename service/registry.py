@@ -20,7 +20,7 @@ from service.batching import Batcher, BatchStats
 from service.errors import ModelNotFound, ModelNotReady
 from service.inference import InferenceEngine
 from service.settings import Settings
-from training.card import CardError, ModelCard, read_card
+from training.card import CardError, ModelCard, headline, read_card
 from training.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ServedModel:
                 labels=c.label_names,
                 weights_sha256=c.weights_sha256,
                 weights_dtype=c.weights_dtype,
+                headline=headline(c.metrics, c.train_eps),
                 metrics=[
                     {k: m.get(k) for k in ("metric", "value", "ci95", "eps", "n", "attack", "measured_on")}
                     for m in c.metrics

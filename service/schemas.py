@@ -90,6 +90,11 @@ class ModelSummary(BaseModel):
     labels: list[str] | None = None
     weights_sha256: str | None = None
     weights_dtype: str | None = None
+    headline: dict[str, Any] | None = Field(
+        None,
+        description="the worst robust accuracy measured at the training eps over every attack in the card, "
+        "with its n, 95 % interval and attack",
+    )
     metrics: list[dict[str, Any]] | None = None
 
 

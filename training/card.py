@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -68,6 +69,8 @@ class ModelCard:
     versions: dict[str, str] = field(default_factory=dict)
     notes: str = ""
     typicality: dict[str, Any] = field(default_factory=dict)  # training.typicality.Typicality.to_dict()
+    # The worst robust accuracy measured at the training eps (derived from metrics on every write).
+    headline: dict[str, Any] = field(default_factory=dict)
     format: str = CARD_FORMAT
 
     @property
@@ -84,6 +87,7 @@ class ModelCard:
         return training_eps(self.train_config, self.dataset)
 
     def to_dict(self) -> dict[str, Any]:
+        self.headline = headline(self.metrics, self.train_eps) or {}
         d = asdict(self)
         d["channels"] = self.channels
         d["num_classes"] = self.num_classes
@@ -99,6 +103,39 @@ class ModelCard:
         if missing:
             raise CardError(f"{source}: missing field(s) {', '.join(missing)}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def headline(metrics: list[dict[str, Any]], train_eps: float) -> dict[str, Any] | None:
+    """The card's one robust figure: the lowest robust accuracy among every figure measured at the
+    training eps (every attack, every n), with its n, 95 % interval and attack, and how many
+    figures it is the worst of. None when nothing was measured at that eps.
+
+    Users compare robust models by one number; taking the minimum over everything measured keeps
+    that number from ever being the flattering one.
+    """
+    at = [
+        m
+        for m in metrics
+        if m.get("metric") == "robust_accuracy" and math.isclose(float(m["eps"]), train_eps, abs_tol=1e-9)
+    ]
+    if not at:
+        return None
+    worst = min(at, key=lambda m: (m["value"], -int(m.get("n") or 0)))
+    attack = worst.get("attack") or {}
+    return {
+        "metric": "robust_accuracy",
+        "value": worst["value"],
+        "n": worst.get("n"),
+        "ci95": worst.get("ci95"),
+        "eps": worst["eps"],
+        "norm": worst.get("norm") or attack.get("norm"),
+        "attack": attack.get("label") or attack.get("name"),
+        "attack_description": attack.get("description"),
+        "measured_on": worst.get("measured_on"),
+        "weights_sha256": worst.get("weights_sha256"),
+        "worst_of": len(at),
+        "rule": "the lowest robust accuracy among every figure measured at the training eps",
+    }
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

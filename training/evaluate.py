@@ -223,33 +223,61 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def metric_entry(
+    *,
+    correct: int,
+    n: int,
+    eps: float,
+    attack: dict[str, Any] | None,
+    dataset: str,
+    seed: int | None,
+    device: str,
+    measured_on: str,
+    sha: str | None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """One card metric: accuracy (eps 0) or robust accuracy under ``attack`` (its record), with its
+    n, 95 % interval, data, seed, device, the weights it was measured on and the command that
+    measured it (default: this process's)."""
+    lo, hi = wilson_interval(correct, n)
+    clean = eps == 0
+    return {
+        "metric": "accuracy" if clean else "robust_accuracy",
+        "value": round(correct / n, 6) if n else 0.0,
+        "correct": correct,
+        "n": n,
+        "ci95": [round(lo, 6), round(hi, 6)],
+        "eps": eps,
+        "norm": (attack or {}).get("norm", "linf"),
+        "attack": None if clean else attack,
+        "dataset": dataset,
+        "split": "test",
+        "seed": seed,
+        "device": device,
+        "measured_on": measured_on,
+        "weights_sha256": sha,
+        "command": command or command_line(),
+    }
+
+
 def curve_metrics(
     curve: RobustCurve, dataset: str, measured_on: str, sha: str | None
 ) -> list[dict[str, Any]]:
     """Card metric entries (one per eps) from a robust-accuracy curve."""
-    out = []
-    for p in curve.points:
-        clean = p.eps == 0
-        out.append(
-            {
-                "metric": "accuracy" if clean else "robust_accuracy",
-                "value": round(p.accuracy, 6),
-                "correct": p.correct,
-                "n": p.n,
-                "ci95": [round(p.ci95[0], 6), round(p.ci95[1], 6)],
-                "eps": p.eps,
-                "norm": curve.attack["norm"],
-                "attack": None if clean else curve.attack,
-                "dataset": dataset,
-                "split": "test",
-                "seed": curve.seed,
-                "device": curve.device,
-                "measured_on": measured_on,
-                "weights_sha256": sha,
-                "command": command_line(),
-            }
+    return [
+        metric_entry(
+            correct=p.correct,
+            n=p.n,
+            eps=p.eps,
+            attack=curve.attack,
+            dataset=dataset,
+            seed=curve.seed,
+            device=curve.device,
+            measured_on=measured_on,
+            sha=sha,
         )
-    return out
+        for p in curve.points
+    ]
 
 
 def plot_curves(curves: Sequence[tuple[str, RobustCurve]], path: str | Path, title: str = "") -> Path:

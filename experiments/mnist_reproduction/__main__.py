@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from experiments.mnist_reproduction import __doc__ as DOC
+from experiments.mnist_reproduction.figures import import_figures
 from experiments.mnist_reproduction.packing import unpack
 from experiments.mnist_reproduction.plan import SCALES
 from experiments.mnist_reproduction.report import report
@@ -17,6 +18,12 @@ from experiments.mnist_reproduction.worker import worker_main
 def report_main(args: argparse.Namespace) -> int:
     text = report([Path(d) for d in args.results], Path(args.card) if args.card else None, Path(args.out))
     sys.stdout.write(text + "\n")
+    return 0
+
+
+def import_main(args: argparse.Namespace) -> int:
+    count = import_figures(Path(args.results), Path(args.model))
+    sys.stdout.write(f"{count} figures measured on the stored weights added to {args.model}/card.json\n")
     return 0
 
 
@@ -59,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--card", help="the shipped model's card.json (its metrics join the tables)")
     rep.add_argument("--out", default="docs/reproduction")
     rep.set_defaults(func=report_main)
+    im = sub.add_parser(
+        "import-figures",
+        help="add a run's figures measured on the exported weights to the store model's card",
+    )
+    im.add_argument("results", help="a result folder of `run` (with card-NAME.json)")
+    im.add_argument("model", help="the store model directory whose weights the run exported")
+    im.set_defaults(func=import_main)
     u = sub.add_parser("unpack", help="results.tar.gz + model parts -> a results folder")
     u.add_argument("src")
     u.add_argument("out")

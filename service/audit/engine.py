@@ -224,6 +224,10 @@ class Engine:
         out = self.model(x)
         return out
 
+    def _credit(self, work: float, stage: str) -> None:
+        if self.progress is not None and work > 0:
+            self.progress.add(work, stage)
+
     def _autocast(self, bf16: bool) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -332,6 +336,9 @@ class Engine:
                     f_att[e][idx[si_t[mine]]] = survived[mine]
                     union[e] &= f_att[e]
                     d_att[e] = _distortion(d[mine][~survived[mine]])
+            # Work planned for pairs this attack did not attack (misclassified samples, pairs an
+            # earlier attack of a cascade broke) is done too: progress and ETA stay true.
+            self._credit((len(x) * levels - len(todo)) * attack.cost, attack.label)
             adv_store[attack.label] = worst.clone()
             timings[attack.label] = round(time.perf_counter() - t0, 3)
             flags[attack.label] = f_att

@@ -83,9 +83,38 @@ def _ci(row: dict[str, Any]) -> str:
     return f"[{100 * row['ci95'][0]:.1f}, {100 * row['ci95'][1]:.1f}]"
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The audit's lead figure: the worst case over every attack (the union row) at the model's
+    training eps when it was audited there, else at the largest eps audited."""
+    rows = [r for r in result["per_eps"] if r["eps"] > 0]
+    if not rows:
+        return None
+    train_eps = result.get("model", {}).get("train_eps")
+    at = [r for r in rows if train_eps is not None and abs(r["eps"] - train_eps) < 1e-9]
+    row = at[0] if at else rows[-1]
+    return {"eps": row["eps"], "training_eps": bool(at), **row["union"]}
+
+
 def render(result: dict[str, Any]) -> str:
     e = html.escape
     model = result.get("model", {})
+    lead = headline(result)
+    suite = result.get("suite") or {}
+    if lead is None:
+        lead_html = "<p>No eps above 0 was audited: clean accuracy only.</p>"
+    else:
+        where = "the training eps" if lead["training_eps"] else "the largest eps audited"
+        lead_html = (
+            f"<p class='lead'>Worst case at {where}, eps {lead['eps']:g} ({e(result['settings']['norm'])}): "
+            f"<b>{_pct(lead['accuracy'])}</b> {_ci(lead)} of n = {lead['n']} samples survive every attack "
+            f"of {e(str(suite.get('label', 'the audit')))}.</p>"
+        )
+    cascade_note = (
+        " The attacks ran as a cascade (each only on what the earlier ones missed): each column is the "
+        "worst case of its attack and the attacks before it."
+        if suite.get("cascade")
+        else ""
+    )
     labels = [a["label"] for a in result["attacks"]]
     head = "".join(f"<th>{e(label)}</th>" for label in labels)
     rows = []
@@ -132,8 +161,10 @@ th {{ background: #f6f8fa; }}
 code, pre {{ font-size: 0.85em; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
 img {{ max-width: 100%; }}
+.lead {{ font-size: 1.25em; }}
 </style></head><body>
 <h1>Robustness audit: {e(str(model.get("name", "")))}</h1>
+{lead_html}
 <p>Weights sha256 <code>{e(str(model.get("weights_sha256", "")))}</code> ({e(str(model.get("arch", "")))},
 {e(str(model.get("dataset", "")))}). Data: {e(json.dumps(result.get("data", {})))}.
 Started {e(str(result.get("started_at", "")))} on {e(str(result["environment"].get("device_name", "")))}
@@ -141,7 +172,7 @@ Started {e(str(result.get("started_at", "")))} on {e(str(result["environment"].g
 <h2>Summary</h2>
 <p>Clean accuracy <b>{_pct(result["clean"]["accuracy"])}</b> {_ci(result["clean"])}
 on n = {result["clean"]["n"]}.
-A sample counts as robust at an eps only if every attack failed on it (the union).</p>
+A sample counts as robust at an eps only if every attack failed on it (the union).{cascade_note}</p>
 <table><tr><th>eps</th><th>union (95% CI)</th>{head}</tr>{"".join(rows)}</table>
 <img alt="accuracy against eps" src="{accuracy_plot(result)}">
 <h2>Sanity checks</h2>

@@ -88,6 +88,28 @@ def run_audit(
     return result
 
 
+def card_metrics(result: dict[str, Any], measured_on: str) -> list[dict[str, Any]]:
+    """Card metric entries of an audit: the clean accuracy and, at every eps > 0, the worst case of
+    the whole suite (for a preset, the figure it is known by), on the audited samples."""
+    from training.evaluate import metric_entry
+
+    data = result["data"]
+    return [
+        metric_entry(
+            correct=row["union"]["robust"],
+            n=row["union"]["n"],
+            eps=row["eps"],
+            attack={**result["settings"]["suite"], "norm": result["settings"]["norm"]},
+            dataset=data.get("dataset", "upload"),
+            seed=data.get("seed"),
+            device=result["environment"]["device"],
+            measured_on=measured_on,
+            sha=result["model"].get("weights_sha256"),
+        )
+        for row in result["per_eps"]
+    ]
+
+
 def default_eps(train_eps: float) -> list[float]:
     """The audit's default radii: 0, half and all of the training eps."""
     return [0.0, round(train_eps / 2, 6), train_eps]

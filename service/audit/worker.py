@@ -77,6 +77,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
             "arch": card.arch,
             "dataset": card.dataset,
             "method": card.method,
+            "train_eps": card.train_eps,
         }
         result = run_audit(
             model, x, y, spec, device=device, model_info=info, data_info=data_info, progress=progress

@@ -43,6 +43,11 @@ def register(sub: Any) -> None:
     au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
     au.add_argument("--batch-size", type=int, default=256)
     au.add_argument("--out", default="audit", help="folder for audit.json and report.html")
+    au.add_argument(
+        "--update-card",
+        action="store_true",
+        help="add the clean accuracy and each eps's worst case to the store model's card",
+    )
     au.add_argument("--no-progress", action="store_true")
     au.set_defaults(run=run)
 
@@ -52,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     from service.audit.engine import AuditSpec, Progress
     from service.audit.report import render
-    from service.audit.runner import checks_cost, default_eps, run_audit
+    from service.audit.runner import card_metrics, checks_cost, default_eps, run_audit
     from training.attacks import default_attacks
-    from training.card import resolve_model
+    from training.card import append_card_metrics, resolve_model
     from training.checkpoint import atomic_write_text
     from training.data import load_split
     from training.devices import resolve_device
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     dataset = args.dataset or loaded.dataset
+    if args.update_card and (loaded.source != "store" or dataset != loaded.dataset):
+        raise SystemExit("erc: --update-card needs a store model audited on its own dataset")
     data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed)
     x, y = data.as_float(), data.labels
     progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         "source": loaded.source,
         "path": str(loaded.path),
         "dataset": loaded.dataset,
+        "train_eps": loaded.train_eps,
     }
     try:
         result = run_audit(
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     atomic_write_text(folder / "audit.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(folder / "report.html", render(result))
+    if args.update_card:
+        append_card_metrics(loaded.path, card_metrics(result, f"{loaded.source} {loaded.path}"))
     where = result["environment"]["device"]
     out(f"{loaded.name} ({loaded.source}), {dataset} test n={len(x)}, {spec.norm}, {where}")
     out(f"clean accuracy {100 * result['clean']['accuracy']:.2f}%")

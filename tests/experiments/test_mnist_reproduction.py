@@ -134,3 +134,30 @@ def test_report_cells_take_the_largest_n_and_say_it() -> None:
 )
 def test_attack_keys(attack: dict | None, key: str) -> None:
     assert attack_key(attack) == key
+
+
+def test_import_figures_adds_the_runs_stored_weight_figures_to_the_card(tmp_path: Path) -> None:
+    """The GPU run's figures on the exported (= shipped) weights join a copy of the shipped card:
+    APGD-CE at eps 0.3 on all 10,000 test images is among them, and it is the worst, so it becomes
+    the headline; the float32-checkpoint figures stay out; a run of other weights is refused."""
+    import shutil
+
+    from experiments.mnist_reproduction.figures import import_figures
+    from training.card import read_card
+
+    model = tmp_path / "mnist-er"
+    shutil.copytree(REPO / "model_store" / "mnist-er", model)
+    results = REPO / "docs" / "reproduction" / "results"
+    before = len(read_card(model).metrics)
+    assert import_figures(results / "h200-run1", model) == 7
+    card = read_card(model)
+    new = card.metrics[-7:]
+    assert all(m["weights_sha256"] == card.weights_sha256 and m["device"] == "cuda:0" for m in new)
+    assert all("float32" not in (m["measured_on"] or "") for m in new)
+    apgd = [m for m in new if (m["attack"] or {}).get("label") == "APGD-CE-100"]
+    assert len(apgd) == 1 and apgd[0]["n"] == 10000 and apgd[0]["value"] == 0.8847
+    assert apgd[0]["command"].startswith("erc eval ")
+    assert card.to_dict()["headline"]["value"] <= 0.8847
+    assert len(card.metrics) <= before + 7
+    with pytest.raises(ValueError, match="exported weights"):
+        import_figures(results / "h200-run2", model)  # the second stage's weights were not shipped

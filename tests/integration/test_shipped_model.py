@@ -30,7 +30,11 @@ def test_card_describes_every_figure() -> None:
         assert m["n"] > 0 and 0 <= m["ci95"][0] <= m["value"] <= m["ci95"][1] <= 1
         assert m["weights_sha256"] == card.weights_sha256 and m["dataset"] == "mnist"
         if m["metric"] == "robust_accuracy":
-            assert m["attack"]["steps"] > 0 and m["attack"]["description"] and m["eps"] > 0
+            attack = m["attack"]
+            assert attack["description"] and m["eps"] > 0 and m["command"]
+            # A single attack says its budget; a suite (a preset) lists its attacks with theirs.
+            budgets = [a.get("steps") or a.get("queries") for a in attack.get("attacks", [attack])]
+            assert all(b and b > 0 for b in budgets), attack
     target = [
         m
         for m in card.metrics

@@ -88,23 +88,27 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
 
     Croce & Hein (2020), Section 3.2: the attacker raises the target's logit over the true one; the
     denominator (top logit minus the mean of the third and fourth) keeps the loss invariant to
-    shifting and rescaling the logits. With exactly 3 classes the denominator is ``z_pi1 - z_pi3``
-    (there is no fourth logit; the same invariances hold).
+    shifting and rescaling the logits. With 3 classes the denominator is ``z_pi1 - z_pi3`` (there
+    is no fourth logit; the same invariances hold). With 2 classes no such denominator exists (it
+    would make the loss a constant sign), so the loss is the plain margin ``-(z_y - z_t)``: the
+    target is then the only other class and APGD-T is the margin-loss APGD.
 
     Args:
-        logits: ``[N, K]`` with ``K >= 3`` (computed in float32).
+        logits: ``[N, K]`` with ``K >= 2`` (computed in float32).
         y: true labels ``[N]``; target: target labels ``[N]``.
 
     Returns:
         ``[N]`` float32 losses; positive once the target's logit exceeds the true one.
     """
     z = logits.float()
-    if z.shape[1] < 3:
-        raise ValueError(f"the targeted DLR loss needs at least 3 classes, got {z.shape[1]}")
-    top = z.sort(dim=1, descending=True).values
-    below = 0.5 * (top[:, 2] + top[:, 3]) if z.shape[1] >= 4 else top[:, 2]
     true = z.gather(1, y[:, None]).squeeze(1)
     tgt = z.gather(1, target[:, None]).squeeze(1)
+    if z.shape[1] == 2:
+        return tgt - true
+    if z.shape[1] < 2:
+        raise ValueError(f"a targeted loss needs at least 2 classes, got {z.shape[1]}")
+    top = z.sort(dim=1, descending=True).values
+    below = 0.5 * (top[:, 2] + top[:, 3]) if z.shape[1] >= 4 else top[:, 2]
     return -(true - tgt) / (top[:, 0] - below + 1e-12)
 
 

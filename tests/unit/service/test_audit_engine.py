@@ -16,7 +16,7 @@ from torch import nn
 
 from service.audit.engine import AuditCancelled, AuditSpec, Engine, Progress, embedding_view
 from service.audit.runner import checks_cost, run_audit
-from training.attacks import Suite, build_attack
+from training.attacks import Suite, build_attack, build_attacks
 
 N = 96
 
@@ -115,6 +115,63 @@ def test_masked_gradients_are_flagged() -> None:
     assert checks["black_box_not_stronger"]["status"] != "pass"
     assert "gradient attacks are blind" in checks["zero_gradients"]["message"]
     assert "masking" in checks["black_box_not_stronger"]["message"]
+
+
+def test_the_autoattack_preset_catches_masked_gradients() -> None:
+    """The standard suite as a cascade: the gradient attacks see nothing behind the rounding, Square
+    (last, on what they missed) breaks what the closed form says is breakable, and the check says so."""
+    x, y, margin = _data()
+    spec = AuditSpec(eps=[0.0, 0.3], suite=build_attacks([("autoattack", {})]), batch_size=64)
+    result = run_audit(
+        Brightness(mask_gradients=True),
+        x,
+        y,
+        spec,
+        device=torch.device("cpu"),
+        model_info=_model_info(),
+        data_info={},
+    )
+    assert result["suite"] == {"label": "AutoAttack", "preset": "autoattack", "cascade": True}
+    row = next(r for r in result["per_eps"] if r["eps"] == 0.3)
+    columns = list(row["attacks"])
+    assert columns == ["APGD-CE-100", "APGD-T9-100", "FAB-T9-100", "Square-5000"]
+    cumulative = [row["attacks"][c]["accuracy"] for c in columns]
+    assert cumulative == sorted(cumulative, reverse=True)  # a cascade's columns never go up
+    assert cumulative[2] > 0.9  # the gradient attacks are blind
+    assert (
+        row["union"]["accuracy"]
+        == cumulative[-1]
+        == pytest.approx(float((margin > 0.3).float().mean()), abs=0.05)
+    )
+    # Later attacks only saw what the earlier ones missed.
+    pairs = [a["attacked_pairs"] for a in result["attacks"]]
+    assert pairs[0] == result["clean"]["robust"] and pairs == sorted(pairs, reverse=True)
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["black_box_not_stronger"]["status"] == "warn"
+    assert "Square-5000 broke" in checks["black_box_not_stronger"]["message"]
+
+
+def test_a_cascade_on_an_honest_model_matches_the_closed_form_and_reports_progress() -> None:
+    x, y, margin = _data()
+    spec = AuditSpec(eps=[0.1, 0.3], suite=build_attacks([("autoattack", {})]), batch_size=64, checks=False)
+    progress = Progress(total=spec.work(N))
+    fractions: list[float] = []
+    stages: list[str] = []
+
+    class Watched(Brightness):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            snap = progress.snapshot()
+            fractions.append(snap["fraction"])
+            stages.append(snap["stage"])
+            return super().forward(x)
+
+    result = Engine(Watched(), spec, device=torch.device("cpu"), progress=progress).run(x, y)
+    for row in result["per_eps"]:
+        expected = float((margin > row["eps"]).float().mean())
+        assert row["union"]["accuracy"] == pytest.approx(expected, abs=1.5 / N), row
+    assert fractions == sorted(fractions) and progress.snapshot()["fraction"] == 1.0
+    # Progress named every stage of the cascade that had survivors to attack.
+    assert {"APGD-CE-100", "APGD-T9-100", "FAB-T9-100", "Square-5000"} <= set(stages)
 
 
 def test_progress_moves_within_a_batch_and_ends_at_the_plan() -> None:
