@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from service.audit.engine import AuditSpec, Progress
-    from service.audit.report import render
+    from service.audit.report import headline, render
     from service.audit.runner import card_metrics, checks_cost, default_eps, run_audit
     from training.attacks import default_attacks
     from training.card import append_card_metrics, resolve_model
@@ -127,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
     where = result["environment"]["device"]
     out(f"{loaded.name} ({loaded.source}), {dataset} test n={len(x)}, {spec.norm}, {where}")
     out(f"clean accuracy {100 * result['clean']['accuracy']:.2f}%")
+    lead = headline(result)
+    if lead is not None:
+        where = "the training eps" if lead["training_eps"] else "the largest eps"
+        lo, hi = 100 * lead["ci95"][0], 100 * lead["ci95"][1]
+        figure = f"{100 * lead['accuracy']:.2f}% [{lo:.2f}, {hi:.2f}] (n={lead['n']})"
+        out(f"worst case at {where} {lead['eps']:g}: {figure}")
     labels = [a["label"] for a in result["attacks"]]
     if result["suite"]["cascade"]:
         suite = result["suite"]["label"]
