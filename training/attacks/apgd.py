@@ -235,6 +235,48 @@ def _run(
     return _RunResult(x_max, f_max, x_fool, fooled)
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _runs(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Radius,
+    norm: str,
+    steps: int,
+    rho: float,
+    alpha: float,
+    losses: list[Callable[[torch.Tensor], LossFn]],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One :func:`_run` per entry of ``losses`` (restarts, targets), each only on the samples no
+    earlier run fooled (AutoAttack's practice), with the loss that entry builds for those rows.
+
+    Returns per sample the first misclassified iterate found, else the point of highest loss.
+    """
+    step = get_step(norm)
+    eps_t = per_sample(eps, x)
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    out = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+    for loss_for in losses:
+        idx = (~fooled).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        res = _run(
+            model, x[idx], y[idx], eps_t[idx], step, loss_for(idx), steps, rho, alpha, checkpoints, generator
+        )
+        with torch.no_grad():
+            out[idx[res.fooled]] = res.x_fool[res.fooled]
+            fooled[idx[res.fooled]] = True
+            keep = ~res.fooled & (res.f_max > best_loss[idx])
+            out[idx[keep]] = res.x_max[keep]
+            best_loss[idx[keep]] = res.f_max[keep]
+    return out.detach()
+
+
 def apgd(
     model: Model,
     x: torch.Tensor,
@@ -280,29 +322,10 @@ def apgd(
         loss_fn = LOSSES[loss]
     except KeyError:
         raise ValueError(f"unknown APGD loss {loss!r}; known: {', '.join(sorted(LOSSES))}") from None
-    step = get_step(norm)
     x = x.detach()
-    y = y.detach()
-    eps_t = per_sample(eps, x)
-    checkpoints = set(apgd_checkpoints(steps)[1:])
-
-    out = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
-    for _ in range(restarts):
-        idx = (~fooled).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        res = _run(
-            model, x[idx], y[idx], eps_t[idx], step, loss_fn, steps, rho, alpha, checkpoints, generator
-        )
-        with torch.no_grad():
-            out[idx[res.fooled]] = res.x_fool[res.fooled]
-            fooled[idx[res.fooled]] = True
-            keep = ~res.fooled & (res.f_max > best_loss[idx])
-            out[idx[keep]] = res.x_max[keep]
-            best_loss[idx[keep]] = res.f_max[keep]
-    return out.detach()
+    return _runs(
+        model, x, y.detach(), eps, norm, steps, rho, alpha, [lambda idx: loss_fn] * restarts, generator
+    )
 
 
 def apgd_targeted(
@@ -340,39 +363,22 @@ def apgd_targeted(
         )
     if not (0.0 < rho <= 1.0 and 0.0 < alpha <= 1.0):
         raise ValueError(f"need rho and alpha in (0, 1], got rho={rho}, alpha={alpha}")
-    step = get_step(norm)
     x = x.detach()
-    y = y.detach()
-    eps_t = per_sample(eps, x)
-    checkpoints = set(apgd_checkpoints(steps)[1:])
     with torch.no_grad():
         order = model(x).float().argsort(dim=1, descending=True)
-    targets = min(n_target_classes, order.shape[1] - 1)
+    targets = order[:, 1 : min(n_target_classes, order.shape[1] - 1) + 1]
 
-    out = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
-    for k in range(1, targets + 1):
-        target = order[:, k]
-        for _ in range(restarts):
-            idx = (~fooled).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                return out.detach()
-            t_idx = target[idx]
+    def targeted(k: int) -> Callable[[torch.Tensor], LossFn]:
+        """The targeted DLR loss against the k-th most likely other class, for the samples ``idx``."""
 
-            def loss_fn(logits: torch.Tensor, yy: torch.Tensor, t: torch.Tensor = t_idx) -> torch.Tensor:
-                return dlr_targeted_loss(logits, yy, t)
+        def for_rows(idx: torch.Tensor) -> LossFn:
+            t = targets[idx, k]
+            return lambda logits, yy: dlr_targeted_loss(logits, yy, t)
 
-            res = _run(
-                model, x[idx], y[idx], eps_t[idx], step, loss_fn, steps, rho, alpha, checkpoints, generator
-            )
-            with torch.no_grad():
-                out[idx[res.fooled]] = res.x_fool[res.fooled]
-                fooled[idx[res.fooled]] = True
-                keep = ~res.fooled & (res.f_max > best_loss[idx])
-                out[idx[keep]] = res.x_max[keep]
-                best_loss[idx[keep]] = res.f_max[keep]
-    return out.detach()
+        return for_rows
+
+    losses = [targeted(k) for k in range(targets.shape[1]) for _ in range(restarts)]
+    return _runs(model, x, y.detach(), eps, norm, steps, rho, alpha, losses, generator)
 
 
 def _restarts(p: dict[str, object]) -> str:
