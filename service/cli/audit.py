@@ -9,7 +9,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.cli._common import add_attack_args, add_model_args, floats, out, suite_from_args
+from service.cli._common import (
+    add_attack_args,
+    add_model_args,
+    canonical_dataset,
+    floats,
+    out,
+    suite_from_args,
+)
 
 
 def register(sub: Any) -> None:
@@ -17,7 +24,11 @@ def register(sub: Any) -> None:
         "audit", help="robustness audit of a model: attacks, sanity checks, JSON + HTML report"
     )
     add_model_args(au)
-    au.add_argument("--dataset", help="test split of this dataset (default: the model's)")
+    au.add_argument(
+        "--dataset",
+        help="test split of this dataset, or folder:DIR (class folders named as the model's classes) "
+        "[default: the model's]",
+    )
     au.add_argument("--data-dir")
     au.add_argument("--n", type=int, default=500, help="samples drawn from the test split")
     au.add_argument("--data-seed", type=int, default=0)
@@ -72,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         checks=not args.no_checks,
         batch_size=args.batch_size,
     )
-    dataset = args.dataset or loaded.dataset
-    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed)
+    dataset = canonical_dataset(args.dataset) or loaded.dataset
+    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed, folder=loaded.folder)
     x, y = data.as_float(), data.labels
     progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
     done = threading.Event()
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "source": loaded.source,
         "path": str(loaded.path),
         "dataset": loaded.dataset,
+        "label_names": loaded.label_names,
     }
     try:
         result = run_audit(

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.attacks import pgd
 from training.config import TrainConfig, training_eps
-from training.data import DatasetInfo
+from training.data import DatasetInfo, is_folder
 from training.models import EmbeddingClassifier, arch_for, create_model
 
 
@@ -36,7 +36,7 @@ class Method:
         self.info = info
         self.device = device
         self.distributed = distributed
-        self.arch = cfg.model.arch or arch_for(info.name, self.family)
+        self.arch = cfg.model.arch or arch_for(info.name, self.family, info.shape)
         self.arch_kwargs = self.build_arch_kwargs()
         model = create_model(self.arch, **self.arch_kwargs)
         if not isinstance(model, EmbeddingClassifier):
@@ -62,6 +62,9 @@ class Method:
             kw["std"] = list(self.info.std)
         if self.family == "er" and self.cfg.model.embed_dim is not None:
             kw["embed_dim"] = self.cfg.model.embed_dim
+        if is_folder(self.info.name):  # the paper's network of the closest geometry, fitted to these images
+            kw["in_chans"] = self.info.channels
+            kw["input_size"] = [self.info.height, self.info.width]
         for key in ("noise_init", "noise_inner", "ensemble"):
             value = getattr(self.cfg.model, key)
             if value is not None:
