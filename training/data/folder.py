@@ -184,6 +184,8 @@ def _walk(folder: Path, listing: Listing, seen: set[tuple[int, int]]) -> list[Pa
     """Image files below ``folder``, sorted, following links to folders once; the rest is noted."""
     found: list[Path] = []
     try:
+        top = os.stat(folder)
+        seen.add((top.st_dev, top.st_ino))  # a link back to this folder (or above it) is a loop
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         listing.unreadable.append((folder, f"cannot list folder: {exc.strerror or exc}"))
@@ -458,8 +460,6 @@ def load_folder(name_or_root: str | Path, options: FolderOptions | None = None) 
         )
     else:
         split_text = f"{listing.test_dir.name}/ folder"
-    if options.strict and listing.unreadable:
-        raise _unreadable_error(root, listing.unreadable)
     files_key = _fingerprint(listing)
     size, channels = options.size, options.channels
     if size is None or channels is None:

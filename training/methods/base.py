@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.attacks import pgd
-from training.config import TrainConfig, training_eps
+from training.config import ConfigError, TrainConfig, training_eps
 from training.data import DatasetInfo, is_folder
 from training.models import EmbeddingClassifier, arch_for, create_model
 
@@ -38,7 +38,10 @@ class Method:
         self.distributed = distributed
         self.arch = cfg.model.arch or arch_for(info.name, self.family, info.shape)
         self.arch_kwargs = self.build_arch_kwargs()
-        model = create_model(self.arch, **self.arch_kwargs)
+        try:
+            model = create_model(self.arch, **self.arch_kwargs)
+        except ValueError as exc:  # e.g. images too small for the network's downsampling
+            raise ConfigError(f"model.arch: {self.arch} on {info.shape} inputs: {exc}") from None
         if not isinstance(model, EmbeddingClassifier):
             raise TypeError(f"architecture {self.arch!r} is not an EmbeddingClassifier")
         self.model: EmbeddingClassifier = self._place(model)

@@ -69,14 +69,17 @@ GEOMETRY = {"mnist": (1, 28), "cifar10": (3, 32), "tinyimagenet": (3, 64), "stl1
 def closest_geometry(shape: Sequence[int]) -> str:
     """The architecture suffix whose paper input is closest to ``shape`` = (C, H, W).
 
-    Closest in scale (``|log(side / paper side)|`` with side = sqrt(H * W)), since the depth of the
-    downsampling is what ties a network to an image size; equal scales go to the network of the same
-    channel count (28 grey -> Figure 9, 32 RGB -> CIFAR-10's VGG19 encoder, 40 -> CIFAR-10's,
-    48 -> Tiny ImageNet's, 80 -> STL-10's).
+    Among the networks whose paper input is no larger than the image's shorter side (their
+    downsampling then fits: STL-10's encoder needs 96 pixels, the VGGs 32), the closest in scale
+    (``|log(side / paper side)|`` with side = sqrt(H * W)), since the depth of the downsampling is
+    what ties a network to an image size; equal scales go to the network of the same channel count.
+    28 -> Figure 9, 32 and 48 -> CIFAR-10's encoder, 64 and 80 -> Tiny ImageNet's, 96 and up ->
+    STL-10's; images under 28 pixels get Figure 9's (it takes 16 and up).
     """
     c, h, w = (int(v) for v in shape)
     side = math.sqrt(h * w)
-    return min(GEOMETRY, key=lambda s: (round(abs(math.log(side / GEOMETRY[s][1])), 9), GEOMETRY[s][0] != c))
+    fitting = [s for s in GEOMETRY if GEOMETRY[s][1] <= min(h, w)] or ["mnist"]
+    return min(fitting, key=lambda s: (round(abs(math.log(side / GEOMETRY[s][1])), 9), GEOMETRY[s][0] != c))
 
 
 def arch_for(dataset: str, family: str, shape: Sequence[int] | None = None) -> str:
