@@ -379,13 +379,20 @@ def cache_dirs(root: Path) -> list[Path]:
     return [user_cache_dir("folders", root), root / ".erc-cache"]
 
 
-def _known_geometry(root: Path, files_key: str) -> dict[str, Any] | None:
-    """The size and channels inferred earlier for exactly these files (``folder-<key>.geometry.json``),
-    so reading them again with the inferred values spelled out (a model's options) or left out (a
-    training run) finds the same cache without probing every header."""
+def _geometry_file(files_key: str, size: tuple[int, int] | None, channels: int | None) -> str:
+    asked = f"{format_size(*size) if size else 'any'}x{channels or 'any'}"
+    return f"folder-{files_key}-{asked}.geometry.json"
+
+
+def _known_geometry(
+    root: Path, files_key: str, size: tuple[int, int] | None, channels: int | None
+) -> dict[str, Any] | None:
+    """The size and channels inferred earlier for exactly these files and this request (a small
+    JSON beside the cached arrays), so a second read finds the arrays without probing every header;
+    a model's options, which spell the values out, find them directly."""
     for folder in cache_dirs(root):
         try:
-            found = json.loads((folder / f"folder-{files_key}.geometry.json").read_text())
+            found = json.loads((folder / _geometry_file(files_key, size, channels)).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(found, dict) and {"size", "channels"} <= set(found):
@@ -393,20 +400,24 @@ def _known_geometry(root: Path, files_key: str) -> dict[str, Any] | None:
     return None
 
 
-def _remember_geometry(root: Path, files_key: str, size: tuple[int, int], channels: int) -> None:
+def _remember_geometry(
+    root: Path,
+    files_key: str,
+    asked: tuple[tuple[int, int] | None, int | None],
+    size: tuple[int, int],
+    channels: int,
+) -> None:
     from training.checkpoint import atomic_write_text
 
+    name = _geometry_file(files_key, *asked)
     for folder in cache_dirs(root):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                folder / f"folder-{files_key}.geometry.json",
-                json.dumps({"size": list(size), "channels": channels}) + "\n",
-            )
+            atomic_write_text(folder / name, json.dumps({"size": list(size), "channels": channels}) + "\n")
         except OSError:
             continue
         for stale in folder.glob("folder-*.geometry.json"):
-            if stale.name != f"folder-{files_key}.geometry.json":
+            if not stale.name.startswith(f"folder-{files_key}-"):  # older files: their key is gone
                 stale.unlink(missing_ok=True)
         return
 
@@ -463,7 +474,7 @@ def load_folder(name_or_root: str | Path, options: FolderOptions | None = None) 
     files_key = _fingerprint(listing)
     size, channels = options.size, options.channels
     if size is None or channels is None:
-        known = _known_geometry(root, files_key) or {}
+        known = _known_geometry(root, files_key, size, channels) or {}
         size = size or ((int(known["size"][0]), int(known["size"][1])) if known else None)
         channels = channels or known.get("channels")
     if size is not None and channels is not None:
@@ -484,8 +495,7 @@ def load_folder(name_or_root: str | Path, options: FolderOptions | None = None) 
     if size is None or channels is None:
         probes = _probe_all(every)
         size, channels = _infer_geometry(root, every, probes, size, channels)
-        if options.size is None and options.channels is None:
-            _remember_geometry(root, files_key, size, channels)
+        _remember_geometry(root, files_key, (options.size, options.channels), size, channels)
     key = f"{files_key}-{format_size(*size)}x{channels}"
     from training.data.imaging import ImageDecodeError, InputSpec, decode_pixels
 

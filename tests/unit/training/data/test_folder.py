@@ -283,3 +283,17 @@ def test_check_folder_reports_everything_at_once(tmp_path: Path) -> None:
     decoded = check_folder(root, decode=True, size=(12, 10))
     assert {u["path"] for u in decoded["unreadable"]} >= header_bad | {"b/truncated.png"}
     assert decoded["counts"]["train"] == {"a": 5, "b": 4, "c": 0} and not decoded["ok"]
+
+
+def test_cache_is_found_again_with_only_a_size_given(tmp_path: Path, _cache: Path) -> None:
+    """``--size`` without ``--channels``: the inferred channels are remembered, so the second read
+    neither probes nor decodes (the arrays file is not rewritten)."""
+    root = tmp_path / "d"
+    _classes(root, {"a": 3, "b": 3}, size=(30, 20), mode="RGB")
+    options = FolderOptions(size=(16, 16))
+    first = load_folder(root, options)
+    (npz,) = _cache.rglob("folder-*.npz")
+    stamp = npz.stat().st_mtime_ns
+    again = load_folder(root, options)
+    assert torch.equal(first.train.images, again.train.images) and first.info.shape == (3, 16, 16)
+    assert [p.stat().st_mtime_ns for p in _cache.rglob("folder-*.npz")] == [stamp]
