@@ -170,6 +170,11 @@ class Trainer:
         """``model.embed_dim: auto``: the intrinsic dimension of the training images (the same
         seeded draw on every rank, so every rank builds the same network)."""
         from training.intrinsic_dim import embedding_size
+        from training.methods import get_method
+
+        if get_method(cfg.method.name).family != "er":  # a baseline's "embedding" is its penultimate layer
+            log.info("embed_dim auto: %s has no embedding size to choose; ignored", cfg.method.name)
+            return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=None))
 
         k, result = embedding_size(train, seed=cfg.run.seed)
         self.embed_dim_estimate = {**result.to_dict(), "embed_dim": k}

@@ -255,6 +255,11 @@ def list_folder(root: Path, classes: tuple[str, ...] | None = None) -> Listing:
         listing.layout = f"train/ folder + {held}"
     else:
         listing.layout = "class folders + seeded split"
+        stray = [d for d in TEST_DIRS if (root / d).is_dir()]
+        if stray:  # read as a class named "test", it would silently mix splits
+            listing.problems.append(
+                f"{root / stray[0]}: a {stray[0]}/ folder without a train/ folder beside it"
+            )
     top = os.stat(listing.train_dir)
     seen = {(top.st_dev, top.st_ino)}  # a link back up to the train folder is a loop too
     train_dirs = _class_dirs(listing.train_dir, listing)

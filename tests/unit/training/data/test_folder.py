@@ -162,8 +162,12 @@ def test_parse_size() -> None:
             lambda r: (_classes(r / "train", {"a": 2, "b": 2}), _classes(r / "test", {"c": 1})),
             "class 'c' has no",
         ),
+        (
+            lambda r: (_classes(r, {"a": 2, "b": 2}), _classes(r / "test", {"a": 1})),
+            "test/ folder without a train/",
+        ),
     ],
-    ids=["one-class", "empty-class", "no-classes", "unknown-test-class"],
+    ids=["one-class", "empty-class", "no-classes", "unknown-test-class", "test-without-train"],
 )
 def test_untrainable_folders_are_errors_naming_the_folder(tmp_path: Path, build, says: str) -> None:
     root = tmp_path / "d"
