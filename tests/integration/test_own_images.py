@@ -269,33 +269,17 @@ def test_erc_audit_on_the_folder_and_the_report_renders(own: dict, tmp_path: Pat
 
 
 def test_torchserve_answers_like_the_service_on_the_folder_model(
-    own: dict, own_server, tmp_path_factory: pytest.TempPathFactory
+    own: dict, own_server, tmp_path_factory: pytest.TempPathFactory, torchserve_for
 ) -> None:
     """The TorchServe handler works from the card too: RGB 32x32 input, the folder's class names,
     the same probabilities and embeddings as the FastAPI service."""
-    from service import torchserve
-    from service.launch import free_port
-    from service.packaging import package_model
-
     files = sorted((own["shapes"] / "test").rglob("*.png"))[::15]
     body = {"instances": [{"b64": base64.b64encode(f.read_bytes()).decode()} for f in files],
             "parameters": {"return_embedding": True}}  # fmt: skip
-    mars = tmp_path_factory.mktemp("mar")
-    package_model(own["store"], "shapes", out_dir=mars)
-    ts = torchserve.start(
-        tmp_path_factory.mktemp("torchserve"),
-        model_store=mars,
-        models={"shapes": {"batchSize": 4, "maxBatchDelay": 5}},
-        ports=(free_port(), free_port(), free_port()),
-        env={"ERC_TORCH_THREADS": "1"},
-    )
-    try:
-        ts.wait_ready("shapes")
+    with torchserve_for(own["store"], "shapes", tmp_path_factory, 4) as ts:
         theirs = httpx.post(
             f"{ts.inference_url}/predictions/shapes", json=body, headers=ts.inference_headers(), timeout=60
         )
-    finally:
-        ts.stop()
     with own_server.client() as c:
         ours = c.post("/v1/models/shapes:predict", json=body)
     assert theirs.status_code == 200, theirs.text
