@@ -139,7 +139,7 @@ def main() -> int:
     )
     store, desc = bench_model(Path(args.store), args.model)
     model, card = load_model(store / args.model, device)
-    data = load_split(card.dataset, "test", n=args.n, seed=0)
+    data = load_split(card.dataset, "test", n=args.n, seed=0, folder=card.folder_options())
     x, y = data.as_float(), data.labels
     eps = [float(e) for e in args.eps.split(",")]
     work = len(x) * len(eps) * args.steps

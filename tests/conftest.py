@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,14 +37,24 @@ def repo_root() -> Path:
     return REPO
 
 
-@pytest.fixture
-def erc_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for ``erc`` subprocesses: this interpreter's scripts first on PATH."""
+def _erc_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture
+def erc_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for ``erc`` subprocesses: this interpreter's scripts first on PATH."""
+    return _erc_env()
+
+
+@pytest.fixture(scope="module")
+def erc_module_env() -> dict[str, str]:
+    """:func:`erc_env` for module-scoped fixtures (a fresh copy per module)."""
+    return _erc_env()
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -129,3 +140,43 @@ def start_server_fn():
 @pytest.fixture(scope="session")
 def free_port_fn():
     return free_port
+
+
+def _screenshot(html: str, tmp_path: Path) -> None:
+    """The report renders in headless Chromium (Debian's package) without a crash."""
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    shot = tmp_path / "report.png"
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed (make test installs it)"
+    res = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1100,2000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    img = Image.open(shot).convert("L")
+    assert img.size == (1100, 2000)
+    lo, hi = img.getextrema()
+    assert hi - lo > 100, "the screenshot is not blank"
+
+
+@pytest.fixture(scope="session")
+def screenshot_html():
+    """``screenshot_html(html, folder)``: render a page in headless Chromium and check it is not blank."""
+    return _screenshot

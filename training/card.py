@@ -1,10 +1,13 @@
 """Model cards and the model store: ``model_store/NAME/{weights.safetensors, card.json}``.
 
 The card travels with the weights (timm's pretrained cfg, nanoGPT's checkpoint dict): architecture
-and its arguments, dataset, input shape and channels, label names, embedding size and prior, the
-training method and config, the metrics measured *on the stored weights* with the attack that
-produced them, and the sha256 of the weights file. Loading refuses weights whose sha256 differs
-from the card's, and builds the network from the card alone. Only safetensors are read: nothing
+and its arguments, dataset, input shape and channels, label names, the preprocessing of image
+files, the training eps, embedding size and prior, the training method and config, how the data
+was read (an image folder's layout, split, counts and skipped files), the metrics measured *on the
+stored weights* with the attack that produced them, and the sha256 of the weights file. Nothing
+downstream (service, audits, evaluation) needs a dataset registry entry: the card is enough.
+Loading refuses weights whose sha256 differs from the card's, and builds the network from the card
+alone. Only safetensors are read: nothing
 from the store can execute code.
 """
 
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from training import __version__
 from training.checkpoint import CHECKPOINT, READABLE_DIR, READABLE_FILE, atomic_write_text, load_checkpoint
 from training.config import training_eps
+from training.data import FolderOptions
 from training.devices import resolve_device
 from training.errors import ErcError
 from training.models import EmbeddingClassifier, create_model
@@ -69,6 +73,10 @@ class ModelCard:
     versions: dict[str, str] = field(default_factory=dict)
     notes: str = ""
     typicality: dict[str, Any] = field(default_factory=dict)  # training.typicality.Typicality.to_dict()
+    # How image files become the input: training.data.imaging.InputSpec.policy (the service reports it).
+    preprocessing: dict[str, str] = field(default_factory=dict)
+    # How the training data was read: an image folder's root, layout, split, counts, skipped files.
+    data: dict[str, Any] = field(default_factory=dict)
     # The worst robust accuracy measured at the training eps (derived from metrics on every write).
     headline: dict[str, Any] = field(default_factory=dict)
     format: str = CARD_FORMAT
@@ -86,11 +94,17 @@ class ModelCard:
         """The l_inf radius the model was trained at (the default eps of its audits)."""
         return training_eps(self.train_config, self.dataset)
 
+    def folder_options(self) -> FolderOptions:
+        """How to read an image folder for this model: its input shape, its classes in label order,
+        and the held-out split it was trained with (:mod:`training.data.folder`)."""
+        return FolderOptions.for_model(self.train_config.get("data"), self.input_shape, self.label_names)
+
     def to_dict(self) -> dict[str, Any]:
         self.headline = headline(self.metrics, self.train_eps) or {}
         d = asdict(self)
         d["channels"] = self.channels
         d["num_classes"] = self.num_classes
+        d["train_eps"] = self.train_eps
         return d
 
     @classmethod
@@ -300,6 +314,9 @@ class LoadedModel:
     path: Path
     weights_sha256: str | None  # for store models: the verified hash of the weights evaluated
     train_eps: float
+    input_shape: list[int]  # [C, H, W]
+    label_names: list[str]
+    folder: FolderOptions  # how an image folder is read for this model (any folder:PATH it is run on)
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> EmbeddingClassifier:
@@ -308,6 +325,18 @@ def model_from_checkpoint(state: dict[str, Any]) -> EmbeddingClassifier:
     assert isinstance(model, EmbeddingClassifier)
     model.load_state_dict(state["state"]["modules"]["model"])
     return model.eval()
+
+
+def checkpoint_geometry(state: dict[str, Any]) -> tuple[list[int], list[str]]:
+    """Input shape [C, H, W] and label names of a training checkpoint (older checkpoints, which
+    predate image folders, take them from the dataset registry)."""
+    shape, names = state.get("input_shape"), state.get("label_names")
+    if not shape or not names:
+        from training.data import dataset_info
+
+        info = dataset_info(state["dataset"])
+        shape, names = shape or list(info.shape), names or list(info.label_names)
+    return list(shape), list(names)
 
 
 def resolve_model(
@@ -321,13 +350,28 @@ def resolve_model(
         if (path / CARD_FILE).is_file():
             model, card = load_model(path, dev)
             sha = card.weights_sha256
-            return LoadedModel(model, card.name, card.dataset, "store", path, sha, card.train_eps)
+            return LoadedModel(
+                model,
+                card.name,
+                card.dataset,
+                "store",
+                path,
+                sha,
+                card.train_eps,
+                list(card.input_shape),
+                list(card.label_names),
+                card.folder_options(),
+            )
     for path in candidates:
         if (path / CHECKPOINT).is_file():
             state = load_checkpoint(path / CHECKPOINT)
             model = model_from_checkpoint(state).to(dev)
             eps = training_eps(state["config"], state["dataset"])
-            return LoadedModel(model, path.name, state["dataset"], "run", path, None, eps)
+            shape, names = checkpoint_geometry(state)
+            folder = FolderOptions.for_model(state["config"].get("data"), shape, names)
+            return LoadedModel(
+                model, path.name, state["dataset"], "run", path, None, eps, shape, names, folder
+            )
     raise ModelNotFound(
         f"no model {ref!r}: looked for {candidates[0]} and {candidates[1]} (a store model has card.json, "
         f"a run directory has {CHECKPOINT})"

@@ -26,18 +26,26 @@ class ConfigError(ErcError, ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"  # dataset name, see `erc data list`
+    dataset: str = "mnist"  # dataset name (`erc data list`), or folder:PATH for your own images
     data_dir: str | None = None  # folder holding the dataset files; None searches the usual places
     train_subset: int | None = None  # train on n samples of a seeded permutation; None: the full train split
     eval_subset: int | None = 1000  # clean test accuracy after each epoch on this many test images
     batch_size: int = 128  # global batch size, split evenly over DDP ranks
     augment: str = "none"  # "none" or "crop-flip" (4-pixel random crop + horizontal flip)
+    # Image folders (folder:PATH) only:
+    image_size: str | None = None  # N or WIDTHxHEIGHT every image is stretched to; None: their common size
+    channels: int | None = None  # 1 (greyscale) or 3 (RGB); None: 1 when every image is greyscale
+    test_fraction: float = 0.2  # without a test/ folder: share of each class held out as the test split
+    split_seed: int = 0  # seed of that split (independent of run.seed, so the test set stays put)
+    strict: bool = False  # refuse unreadable image files instead of skipping (and logging) them
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str | None = None  # registry name; None picks the method family's architecture for the dataset
-    embed_dim: int | None = None  # embedding size k (ER family); None: Table 3 (mnist 4, cifar10 16, ...)
+    # Embedding size k (ER family). None: Table 3's size for the network (mnist 4, cifar10 16, stl10 16,
+    # tinyimagenet 20); "auto": the training images' intrinsic dimension (Levina-Bickel, n = 1000).
+    embed_dim: int | str | None = None
     width: float = 1.0  # channel multiplier; 1.0 is the paper's size, 0.25 a slim CPU variant
     prior: str = "gaussian"  # embedding prior: gaussian N(0,1), uniform U(-3,3), cauchy C(0,1)
     noise_init: float | None = None  # RSE noise std before the first conv; None: method default
@@ -70,7 +78,9 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class AdvConfig:
-    eps: float | None = None  # l_inf radius for min-max training; None: the dataset's (0.3, 0.03, 0.03, 0.01)
+    # l_inf radius for min-max training; None: the paper dataset's (0.3, 0.03, 0.03, 0.01); required for
+    # image folders (no default fits unknown data).
+    eps: float | None = None
     steps: int = 10  # PGD steps per training batch
     alpha: float | None = None  # PGD step size; None: 2.5 * eps / steps (Madry et al.)
     random_start: bool = True  # uniform start in the eps ball
@@ -212,6 +222,19 @@ def training_eps(config: TrainConfig | Mapping[str, Any] | None, dataset: str) -
     eps = config.adv.eps if isinstance(config, TrainConfig) else ((config or {}).get("adv") or {}).get("eps")
     if eps is not None:
         return float(eps)
-    from training.data import dataset_info
+    from training.data import dataset_info, is_folder
 
-    return float(dataset_info(dataset).train_eps)
+    default = None if is_folder(dataset) else dataset_info(dataset).train_eps
+    if default is None:
+        raise ConfigError(
+            f"adv.eps: {dataset} has no default training eps; choose one with --eps ({EPS_HELP})"
+        )
+    return float(default)
+
+
+# How to choose the training eps of data the project does not know (erc train --help, errors).
+EPS_HELP = (
+    "the largest l_inf change, in [0, 1] pixel units, that must not change the class: 0.3 for "
+    "MNIST-like digits, 0.1 for Fashion-MNIST-like textures, 0.03 (8/255) for natural photos, "
+    "0.01 for fine detail at 64 pixels; look at a few images perturbed by it, and audit at several eps"
+)

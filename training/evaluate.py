@@ -14,13 +14,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from training.attacks import Attack, Suite
+
+if TYPE_CHECKING:
+    from training.data import FolderOptions
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -195,11 +198,13 @@ def evaluate_on_test(
     batch_size: int = 500,
     progress: bool = False,
     model_name: str = "",
+    folder: FolderOptions | None = None,
 ) -> RobustCurve:
-    """:func:`robust_curve` on ``n`` images of a seeded draw of ``dataset``'s test split (all if None)."""
+    """:func:`robust_curve` on ``n`` images of a seeded draw of ``dataset``'s test split (all if None);
+    an image folder is read with ``folder`` (the model's :meth:`~training.card.ModelCard.folder_options`)."""
     from training.data import load_split
 
-    test = load_split(dataset, "test", data_dir, n=n, seed=seed)
+    test = load_split(dataset, "test", data_dir, n=n, seed=seed, folder=folder)
     device = next(model.parameters()).device
     return robust_curve(
         model,

@@ -7,20 +7,32 @@ dtype, then measures the card's metrics on the *stored* weights, reloaded.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from training.attacks import Attack, Suite, build_attack
-from training.card import ModelCard, ModelNotFound, StagedModel, load_model, model_from_checkpoint, write_card
+from training.card import (
+    ModelCard,
+    ModelNotFound,
+    StagedModel,
+    checkpoint_geometry,
+    load_model,
+    model_from_checkpoint,
+    write_card,
+)
 from training.checkpoint import CHECKPOINT, METRICS, load_checkpoint
 from training.config import training_eps
-from training.data import dataset_info
+from training.data.imaging import InputSpec
 from training.devices import resolve_device
 from training.evaluate import curve_metrics, evaluate_on_test
 from training.methods import get_method
 from training.models import EmbeddingClassifier
+from training.typicality.fit import TypicalityFitError
+
+log = logging.getLogger(__name__)
 
 
 def export_run(
@@ -52,7 +64,8 @@ def export_run(
         raise ModelNotFound(f"{run_dir} is not a training run: it holds no {CHECKPOINT}")
     state = load_checkpoint(run_dir / CHECKPOINT)
     model = model_from_checkpoint(state)
-    info = dataset_info(state["dataset"])
+    dataset = state["dataset"]
+    input_shape, label_names = checkpoint_geometry(state)
     method = get_method(state["method"])
     cfg = state["config"]
     stage = StagedModel(store, name)
@@ -62,9 +75,9 @@ def export_run(
             name=name,
             arch=state["arch"],
             arch_kwargs=state["arch_kwargs"],
-            dataset=info.name,
-            input_shape=list(info.shape),
-            label_names=list(state.get("label_names") or info.label_names),
+            dataset=dataset,
+            input_shape=input_shape,
+            label_names=label_names,
             embed_dim=model.embed_dim,
             prior=cfg["model"]["prior"],
             method=method.name,
@@ -75,10 +88,12 @@ def export_run(
             training=_training_summary(run_dir, state),
             num_parameters=sum(p.numel() for p in model.parameters()),
             notes=notes,
+            preprocessing=dict(InputSpec.from_shape(input_shape).policy),
+            data={**(state.get("data") or {}), **_embed_dim_note(state)},
         )
         write_card(stage.dir, card)
         stored, _ = load_model(stage.dir, resolve_device(device))
-        eps = float(robust_eps if robust_eps is not None else training_eps(cfg, info.name))
+        eps = float(robust_eps if robust_eps is not None else training_eps(cfg, dataset))
         measured_on = f"stored weights ({dtype})"
         # The clean figure comes with the first curve (eps 0 attacks nothing).
         plans: list[tuple[Attack | Suite, list[float]]] = [(a, [eps]) for a in robust]
@@ -87,21 +102,31 @@ def export_run(
         for attack, eps_list in plans:
             curve = evaluate_on_test(
                 stored,
-                info.name,
+                dataset,
                 eps_list,
                 attack,
                 n=eval_n,
                 data_dir=data_dir,
                 progress=progress,
                 model_name=name,
+                folder=card.folder_options(),
             )
-            card.metrics += curve_metrics(curve, info.name, measured_on, sha)
+            card.metrics += curve_metrics(curve, dataset, measured_on, sha)
         if typicality_fit_n != 0:
-            card.typicality = fit_typicality(stored, card, typicality_fit_n, typicality_fpr, data_dir)
+            try:
+                card.typicality = fit_typicality(stored, card, typicality_fit_n, typicality_fpr, data_dir)
+            except TypicalityFitError as exc:  # a small image folder: the model is served without it
+                log.warning("%s: no typicality score: %s", name, exc)
         return stage.commit(card)
     except BaseException:
         stage.abort()
         raise
+
+
+def _embed_dim_note(state: dict[str, Any]) -> dict[str, Any]:
+    """``embed_dim: auto`` runs: the intrinsic-dimension estimate the embedding size came from."""
+    est = state.get("embed_dim_estimate")
+    return {"embed_dim_auto": est} if est else {}
 
 
 def _training_summary(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +153,14 @@ def fit_typicality(
     from training.typicality.fit import fit_for_model
 
     typ = fit_for_model(
-        model, card.dataset, card.prior, card.num_classes, fit_n=fit_n, fpr=fpr, data_dir=data_dir
+        model,
+        card.dataset,
+        card.prior,
+        card.num_classes,
+        fit_n=fit_n,
+        fpr=fpr,
+        data_dir=data_dir,
+        folder=card.folder_options(),
     )
     return typ.to_dict()
 

@@ -8,6 +8,7 @@ exactly as an uninterrupted run would (on deterministic kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -26,7 +27,7 @@ from training import __version__
 from training.attacks import build_attack
 from training.checkpoint import CHECKPOINT, METRICS, atomic_write_text, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, dump_config, from_dict
-from training.data import DatasetInfo, ImageSet, load_split
+from training.data import DatasetInfo, FolderOptions, ImageSet, is_folder, load_split
 from training.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -109,6 +110,27 @@ def initial_weights(ref: str, method: Method) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def load_training_data(
+    cfg: TrainConfig, *, progress: bool = True
+) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
+    """The train subset and the per-epoch evaluation subset of ``cfg.data``, and how the data was
+    read (an image folder's layout, split and skipped files; empty for the paper's datasets)."""
+    d, seed = cfg.data, cfg.run.seed
+    if is_folder(d.dataset):
+        from training.data.folder import load_folder
+
+        options = dataclasses.replace(FolderOptions.from_config(d), progress=None if progress else False)
+        data = load_folder(d.dataset, options)
+        return (
+            data.train.subset(d.train_subset, seed),
+            data.test.subset(d.eval_subset, seed),
+            data.description,
+        )
+    train = load_split(d.dataset, "train", d.data_dir, n=d.train_subset, seed=seed)
+    test = load_split(d.dataset, "test", d.data_dir, n=d.eval_subset, seed=seed)
+    return train, test, {}
+
+
 class Trainer:
     """One training run. Use :func:`run_training` unless you need the pieces."""
 
@@ -121,20 +143,21 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick the fastest kernels
-        train = load_split(
-            cfg.data.dataset, "train", cfg.data.data_dir, n=cfg.data.train_subset, seed=cfg.run.seed
-        )
-        test = load_split(
-            cfg.data.dataset, "test", cfg.data.data_dir, n=cfg.data.eval_subset, seed=cfg.run.seed
+        train, test, self.data_description = load_training_data(
+            cfg, progress=cfg.run.progress and dist.is_main
         )
         self.info: DatasetInfo = train.info
+        self.embed_dim_estimate: dict[str, Any] | None = None
+        if cfg.model.embed_dim == "auto":
+            cfg = self.cfg = self._auto_embed_dim(cfg, train)
         # Whole datasets live on the device as uint8: no loader workers, no host->device copies.
         self.train_x = train.images.to(device)
         self.train_y = train.labels.to(device)
         self.test = ImageSet(test.images.to(device), test.labels.to(device), test.info)
         if len(train) < cfg.data.batch_size:
-            raise ValueError(
-                f"train set has {len(train)} images, fewer than one batch of {cfg.data.batch_size}"
+            raise ConfigError(
+                f"data.batch_size: the train set has {len(train)} images, fewer than one batch of "
+                f"{cfg.data.batch_size}; give a smaller --batch-size"
             )
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
         self.method: Method = create_method(cfg, self.info, device, distributed=dist.enabled)
@@ -142,6 +165,21 @@ class Trainer:
             self.method.model.load_state_dict(initial_weights(cfg.run.init_from, self.method))
             log.info("network weights from %s (optimizers and critic start fresh)", cfg.run.init_from)
         self.start_epoch = 0
+
+    def _auto_embed_dim(self, cfg: TrainConfig, train: ImageSet) -> TrainConfig:
+        """``model.embed_dim: auto``: the intrinsic dimension of the training images (the same
+        seeded draw on every rank, so every rank builds the same network)."""
+        from training.intrinsic_dim import embedding_size
+        from training.methods import get_method
+
+        if get_method(cfg.method.name).family != "er":  # a baseline's "embedding" is its penultimate layer
+            log.info("embed_dim auto: %s has no embedding size to choose; ignored", cfg.method.name)
+            return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=None))
+
+        k, result = embedding_size(train, seed=cfg.run.seed)
+        self.embed_dim_estimate = {**result.to_dict(), "embed_dim": k}
+        log.info("embed_dim auto: intrinsic dimension %.2f -> k = %d", result.estimate, k)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=k))
 
     # -- persistence ----------------------------------------------------------------------------
     def checkpoint_state(self, epochs_done: int) -> dict[str, Any]:
@@ -154,6 +192,9 @@ class Trainer:
             "arch_kwargs": m.arch_kwargs,
             "dataset": self.info.name,
             "label_names": list(self.info.label_names),
+            "input_shape": list(self.info.shape),
+            "data": self.data_description,
+            "embed_dim_estimate": self.embed_dim_estimate,
             "state": m.state_dict(),
             "world_size": self.dist.world_size,
             "versions": {"torch": str(torch.__version__), "erc": __version__},
@@ -348,10 +389,11 @@ def validate(cfg: TrainConfig) -> None:
     from training.models import list_models
     from training.priors import PRIORS
 
+    folder = is_folder(cfg.data.dataset)
     checks: dict[str, tuple[Any, Any]] = {
         "method.name": (cfg.method.name, list(METHODS)),
         "model.prior": (cfg.model.prior, list(PRIORS)),
-        "data.dataset": (cfg.data.dataset, list_datasets()),
+        **({} if folder else {"data.dataset": (cfg.data.dataset, [*list_datasets(), "folder:PATH"])}),
         **{k: (config_value(cfg, k), v) for k, v in CHOICES.items()},
     }
     if cfg.model.arch is not None:
@@ -369,6 +411,38 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     if cfg.adv.steps < 1:
         raise ConfigError(f"adv.steps: must be >= 1, got {cfg.adv.steps}")
+    k = cfg.model.embed_dim
+    if k is not None and k != "auto" and not (isinstance(k, int) and k >= 1):
+        raise ConfigError(f"model.embed_dim: a positive integer or 'auto', got {k!r}")
+    _validate_folder_keys(cfg, folder)
+
+
+def _validate_folder_keys(cfg: TrainConfig, folder: bool) -> None:
+    """The image-folder keys: only for folders, well formed, and a training eps chosen by the user."""
+    from training.config import EPS_HELP
+    from training.data import DataError
+    from training.data.folder import parse_size
+
+    d = cfg.data
+    given = [k for k in ("image_size", "channels", "strict") if getattr(d, k) not in (None, False)]
+    if not folder:
+        if given:
+            raise ConfigError(f"data.{given[0]}: applies to image folders (data.dataset: folder:PATH) only")
+        return
+    if cfg.adv.eps is None:
+        raise ConfigError(
+            f"adv.eps: required for an image folder (there is no default for unknown data): {EPS_HELP}"
+        )
+    if not 0 <= cfg.adv.eps <= 1:
+        raise ConfigError(f"adv.eps: must lie in [0, 1] (pixel units), got {cfg.adv.eps}")
+    if d.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels: 1 (greyscale) or 3 (RGB), got {d.channels}")
+    if not 0 < d.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {d.test_fraction}")
+    try:
+        parse_size(d.image_size)
+    except DataError as exc:
+        raise ConfigError(f"data.image_size: {exc}") from None
 
 
 def config_value(cfg: TrainConfig, dotted: str) -> Any:
@@ -379,6 +453,12 @@ def config_value(cfg: TrainConfig, dotted: str) -> Any:
 def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train per ``cfg`` (under torchrun: one process per rank); return the run summary."""
     validate(cfg)
+    if is_folder(cfg.data.dataset):  # recorded with its absolute path: runs move, the data stays
+        from training.data.folder import canonical_name
+
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, dataset=canonical_name(cfg.data.dataset))
+        )
     dist, device = init_distributed(cfg.run.device)
     try:
         trainer = Trainer(cfg, dist, device)

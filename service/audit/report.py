@@ -50,7 +50,24 @@ def accuracy_plot(result: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def embedding_plot(view: dict[str, Any]) -> str:
+LEGEND_MAX = 20  # classes named in the embedding view's legend; beyond, colours only
+
+
+def class_colours(num_classes: int) -> list[Any]:
+    """One colour per class: tab10 / tab20 while they last, then evenly spaced hues."""
+    import matplotlib.pyplot as plt
+
+    if num_classes <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(num_classes)]
+    if num_classes <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(num_classes)]
+    hsv = plt.get_cmap("hsv")
+    return [hsv(i / num_classes) for i in range(num_classes)]
+
+
+def embedding_plot(view: dict[str, Any], label_names: list[str] | None = None) -> str:
+    """Clean and adversarial embeddings side by side, coloured by true class (named in the legend
+    from the model card's label names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +75,20 @@ def embedding_plot(view: dict[str, Any]) -> str:
 
     clean, adv = view["clean"], view["adversarial"]
     labels, pred = view["labels"], view["adversarial_pred"]
-    cmap = plt.get_cmap("tab10")
+    names = list(label_names or [])
+    colours = class_colours(max(len(names), max(labels, default=0) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.2), sharex=True, sharey=True)
     for i, (pt, y) in enumerate(zip(clean, labels, strict=True)):
-        axes[0].scatter(pt[0], pt[1], s=9, color=cmap(y % 10), marker="o")
+        axes[0].scatter(pt[0], pt[1], s=9, color=colours[y], marker="o")
         q = adv[i]
         fooled = pred[i] != y
-        axes[1].scatter(q[0], q[1], s=14 if fooled else 9, color=cmap(y % 10), marker="v" if fooled else "o")
+        axes[1].scatter(q[0], q[1], s=14 if fooled else 9, color=colours[y], marker="v" if fooled else "o")
+    shown = sorted(set(labels))
+    if names and len(shown) <= LEGEND_MAX:
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=colours[y], label=names[y]) for y in shown
+        ]
+        axes[0].legend(handles=handles, fontsize=7, loc="best", title="true class", title_fontsize=7)
     axes[0].set_title("clean embeddings (colour: true label)", fontsize=9)
     axes[1].set_title(
         f"adversarial: {view.get('attack', '')} at eps {view.get('eps', '')} (triangle: fooled)", fontsize=9
@@ -73,6 +97,14 @@ def embedding_plot(view: dict[str, Any]) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{view['method']} of the {view['embed_dim']}-d embedding", fontsize=9)
     return _png(fig)
+
+
+def _classes(model: dict[str, Any]) -> str:
+    names = model.get("label_names") or []
+    if not names:
+        return ""
+    shown = ", ".join(html.escape(str(n)) for n in names[:50])
+    return f"Classes ({len(names)}): {shown}{' ...' if len(names) > 50 else ''}."
 
 
 def _pct(v: float | None) -> str:
@@ -142,7 +174,7 @@ def render(result: dict[str, Any]) -> str:
     )
     emb = result.get("embedding")
     emb_html = (
-        f"<img alt='clean vs adversarial embeddings' src='{embedding_plot(emb)}'>"
+        f"<img alt='clean vs adversarial embeddings' src='{embedding_plot(emb, model.get('label_names'))}'>"
         if emb
         else "<p>No embedding view (no eps above 0 or no correctly classified sample).</p>"
     )
@@ -167,6 +199,7 @@ img {{ max-width: 100%; }}
 {lead_html}
 <p>Weights sha256 <code>{e(str(model.get("weights_sha256", "")))}</code> ({e(str(model.get("arch", "")))},
 {e(str(model.get("dataset", "")))}). Data: {e(json.dumps(result.get("data", {})))}.
+{_classes(model)}
 Started {e(str(result.get("started_at", "")))} on {e(str(result["environment"].get("device_name", "")))}
 ({e(str(result["environment"].get("device", "")))}), {result["timings_s"].get("total", 0):.1f} s.</p>
 <h2>Summary</h2>

@@ -23,20 +23,22 @@ import torch
 from service.audit.engine import AuditSpec, Progress
 from service.audit.report import render
 from service.audit.runner import checks_cost, run_audit
-from training.card import load_model
+from training.card import ModelCard, load_model
 from training.checkpoint import atomic_write_text
 from training.data import load_split
 from training.devices import resolve_device
 
 
-def load_data(job: dict[str, Any], dataset: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def load_data(job: dict[str, Any], card: ModelCard) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     data = job["data"]
     if data["source"] == "upload":
         arrays = np.load(job["upload_path"])
         x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]).long()
         return x, y, {"source": "upload", "n": len(y)}
-    name = data.get("dataset") or dataset
-    split = load_split(name, "test", data.get("data_dir"), n=data["n"], seed=data["seed"])
+    name = data.get("dataset") or card.dataset
+    split = load_split(
+        name, "test", data.get("data_dir"), n=data["n"], seed=data["seed"], folder=card.folder_options()
+    )
     return (
         split.as_float(),
         split.labels,
@@ -60,7 +62,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
                 f"weights of {card.name} changed on disk ({card.weights_sha256[:12]}) since the server "
                 f"loaded {job['weights_sha256'][:12]}: not auditing other weights than those served"
             )
-        x, y, data_info = load_data(job, card.dataset)
+        x, y, data_info = load_data(job, card)
         spec = AuditSpec.from_dict(job["spec"])
         progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
         stop = threading.Event()
@@ -78,6 +80,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
             "dataset": card.dataset,
             "method": card.method,
             "train_eps": card.train_eps,
+            "label_names": list(card.label_names),
         }
         result = run_audit(
             model, x, y, spec, device=device, model_info=info, data_info=data_info, progress=progress

@@ -41,7 +41,15 @@ def add_model_args(p: argparse.ArgumentParser, *, runs: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
-__all__ = ["add_model_args", "floats", "out", "scalar"]
+def canonical_dataset(name: str | None) -> str | None:
+    """A ``--dataset`` value as runs and cards record it (an image folder with its absolute path)."""
+    from training.data import is_folder
+    from training.data.folder import canonical_name
+
+    return canonical_name(name) if name and is_folder(name) else name
+
+
+__all__ = ["add_model_args", "canonical_dataset", "floats", "out", "scalar"]
 
 
 def attack_arg(text: str) -> tuple[str, dict[str, Any]]:

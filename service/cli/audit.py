@@ -9,7 +9,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.cli._common import add_attack_args, add_model_args, floats, out, suite_from_args
+from service.cli._common import (
+    add_attack_args,
+    add_model_args,
+    canonical_dataset,
+    floats,
+    out,
+    suite_from_args,
+)
 
 
 def register(sub: Any) -> None:
@@ -17,7 +24,11 @@ def register(sub: Any) -> None:
         "audit", help="robustness audit of a model: attacks, sanity checks, JSON + HTML report"
     )
     add_model_args(au)
-    au.add_argument("--dataset", help="test split of this dataset (default: the model's)")
+    au.add_argument(
+        "--dataset",
+        help="test split of this dataset, or folder:DIR (class folders named as the model's classes) "
+        "[default: the model's]",
+    )
     au.add_argument("--data-dir")
     au.add_argument("--n", type=int, default=500, help="samples drawn from the test split")
     au.add_argument("--data-seed", type=int, default=0)
@@ -77,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
         checks=not args.no_checks,
         batch_size=args.batch_size,
     )
-    dataset = args.dataset or loaded.dataset
+    dataset = canonical_dataset(args.dataset) or loaded.dataset
     if args.update_card and (loaded.source != "store" or dataset != loaded.dataset):
         raise SystemExit("erc: --update-card needs a store model audited on its own dataset")
-    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed)
+    data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed, folder=loaded.folder)
     x, y = data.as_float(), data.labels
     progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
     done = threading.Event()
@@ -104,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "path": str(loaded.path),
         "dataset": loaded.dataset,
         "train_eps": loaded.train_eps,
+        "label_names": loaded.label_names,
     }
     try:
         result = run_audit(

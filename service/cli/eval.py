@@ -7,13 +7,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.cli._common import add_attack_args, add_model_args, floats, out, suite_from_args
+from service.cli._common import (
+    add_attack_args,
+    add_model_args,
+    canonical_dataset,
+    floats,
+    out,
+    suite_from_args,
+)
 
 
 def register(sub: Any) -> None:
     e = sub.add_parser("eval", help="robust accuracy under attack, JSON + PNG plot")
     add_model_args(e)
-    e.add_argument("--dataset", help="evaluate on this dataset's test split (default: the model's)")
+    e.add_argument(
+        "--dataset", help="evaluate on this dataset's test split, or folder:DIR (default: the model's)"
+    )
     e.add_argument("--data-dir")
     add_attack_args(e, default="pgd", several="the figure is their worst case per sample")
     e.add_argument("--eps", type=floats, help="comma-separated radii (default: 0 and the training eps)")
@@ -32,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     suite = suite_from_args(args)  # refuses a bad attack before any model or data is loaded
     loaded = resolve_model(args.model, args.store, args.device)
-    dataset = args.dataset or loaded.dataset
+    dataset = canonical_dataset(args.dataset) or loaded.dataset
     if args.update_card and (loaded.source != "store" or dataset != loaded.dataset):
         raise SystemExit("erc: --update-card needs a store model evaluated on its own dataset")
     eps = args.eps if args.eps is not None else [0.0, loaded.train_eps]
@@ -47,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         model_name=loaded.name,
+        folder=loaded.folder,
     )
     measured_on = f"{loaded.source} {loaded.path}"
     result = {

@@ -23,7 +23,9 @@ def k_range(text: str) -> tuple[int, int]:
 
 def register(sub: Any) -> None:
     d = sub.add_parser("intrinsic-dim", help="Levina-Bickel MLE of a dataset's intrinsic dimension (Table 3)")
-    d.add_argument("--dataset", default="mnist")
+    d.add_argument("--dataset", default="mnist", help="dataset name, or folder:DIR (your own images)")
+    d.add_argument("--size", help="image folders: N or WIDTHxHEIGHT (default: the size the images share)")
+    d.add_argument("--channels", type=int, choices=[1, 3], help="image folders: 1 or 3 (default: inferred)")
     d.add_argument("--split", default="train", choices=["train", "test"])
     d.add_argument("--data-dir")
     d.add_argument("--n", type=int, default=1000, help="sample size (the paper: 1000)")
@@ -36,10 +38,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import load_split
+    from training.data import FolderOptions, load_split
+    from training.data.folder import parse_size
     from training.intrinsic_dim import levina_bickel
 
-    data = load_split(args.dataset, args.split, args.data_dir, n=args.n, seed=args.seed)
+    folder = FolderOptions(size=parse_size(args.size), channels=args.channels)
+    data = load_split(args.dataset, args.split, args.data_dir, n=args.n, seed=args.seed, folder=folder)
     x = data.as_float().reshape(len(data), -1)
     results = []
     for k1, k2 in args.k or [(6, 12)]:

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     for name, m in METHODS.items():
         out(f"  {name:9} {m.description}")
     out("priors: " + ", ".join(f"{p.name} ({p.description})" for p in PRIORS.values()))
-    out("datasets: " + ", ".join(list_datasets()))
+    out("datasets: " + ", ".join(list_datasets()) + ", folder:PATH (your own images, one folder per class)")
     out("attacks (erc eval/audit --attack NAME[:key=value,...]):")
     for name in list_attacks():
         d = ATTACKS[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,18 +14,49 @@ from service.cli._common import out
 
 # CLI flag -> config key; every other key is reachable with --set section.field=value.
 FLAGS: dict[str, tuple[str, type, str]] = {
-    "dataset": ("data.dataset", str, "dataset name (erc data list)"),
+    "dataset": (
+        "data.dataset",
+        str,
+        "dataset name (erc data list), or folder:PATH for your own images (PATH/<class>/*.png|jpg|..., "
+        "or PATH/train/<class>/... with PATH/test/<class>/...)",
+    ),
     "data_dir": ("data.data_dir", str, "folder with the dataset files"),
     "train_subset": ("data.train_subset", int, "train on n images of the train split"),
     "eval_subset": ("data.eval_subset", int, "test images for the per-epoch accuracy"),
     "batch_size": ("data.batch_size", int, "global batch size"),
+    "size": (
+        "data.image_size",
+        str,
+        "image folders: N or WIDTHxHEIGHT every image is stretched to (default: the size they share)",
+    ),
+    "channels": ("data.channels", int, "image folders: 1 or 3 (default: 1 when every image is greyscale)"),
+    "test_fraction": (
+        "data.test_fraction",
+        float,
+        "image folders without test/: share of each class held out as the test split (default 0.2)",
+    ),
     "method": ("method.name", str, "er, er-minus, e-cla, vae-cla, none, madry, rse"),
-    "arch": ("model.arch", str, "architecture name (default: the method family's for the dataset)"),
-    "embed_dim": ("model.embed_dim", int, "embedding size k"),
+    "arch": (
+        "model.arch",
+        str,
+        "architecture name (default: the method family's for the dataset; for an image folder the paper's "
+        "network of the closest input size: 28 Figure 9, 32 CIFAR-10, 64 Tiny ImageNet, 96 STL-10)",
+    ),
+    "embed_dim": (
+        "model.embed_dim",
+        str,
+        "embedding size k, or auto: the training images' intrinsic dimension (default: Table 3's size "
+        "for the network: 4, 16, 20, 16)",
+    ),
     "width": ("model.width", float, "channel multiplier (0.25 = slim CPU variant)"),
     "prior": ("model.prior", str, "gaussian, uniform or cauchy"),
     "lr": ("optim.lr", float, "encoder / network learning rate"),
-    "eps": ("adv.eps", float, "min-max training eps (default: the dataset's)"),
+    "eps": (
+        "adv.eps",
+        float,
+        "l_inf training eps in [0, 1] pixel units (default: the paper dataset's; required for folder:PATH, "
+        "see below)",
+    ),
     "pgd_steps": ("adv.steps", int, "PGD steps per training batch"),
     "epochs": ("run.epochs", int, "number of epochs"),
     "seed": ("run.seed", int, "random seed"),
@@ -37,12 +69,25 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 
 
 def register(sub: Any) -> None:
-    t = sub.add_parser("train", help="train a model (also under torchrun for DDP)")
+    from training.config import EPS_HELP
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (also under torchrun for DDP)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="choosing --eps for your own images (required for folder:PATH, no silent default):\n  "
+        + "\n  ".join(textwrap.wrap(EPS_HELP[0].upper() + EPS_HELP[1:] + ".", 96))
+        + "\n\nunreadable image files are skipped, counted and named in the log; --strict refuses them. "
+        "`erc data check DIR` shows them before training.",
+    )
     t.add_argument("--config", help="YAML config (sections data, model, optim, method, adv, run)")
     for flag, (key, typ, text) in FLAGS.items():
         t.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{text} [{key}]")
     t.add_argument("--channels-last", action="store_true", help="NHWC memory format [run.channels_last]")
     t.add_argument("--compile", action="store_true", help="torch.compile the attacked network [run.compile]")
+    t.add_argument(
+        "--strict", action="store_true", help="image folders: refuse unreadable image files [data.strict]"
+    )
     t.add_argument(
         "--set",
         action="append",
@@ -81,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["run.compile"] = True
     if args.no_progress:
         overrides["run.progress"] = False
+    if args.strict:
+        overrides["data.strict"] = True
     overrides.update(parse_sets(args.set))
     config_path = args.config
     if args.resume:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.cli._common import floats, out
+from service.cli._common import canonical_dataset, floats, out
 
 
 def register(sub: Any) -> None:
@@ -24,10 +24,18 @@ def register(sub: Any) -> None:
     ty.add_argument("--fpr", type=float, default=0.05, help="fit: false-positive rate of the threshold")
     ty.add_argument("--n", type=int, default=5000, help="eval: clean test images (the held-out half)")
     ty.add_argument("--adv-n", type=int, default=500, help="eval: images attacked per eps")
-    ty.add_argument("--eps", type=floats, default=[0.1, 0.2, 0.3], help="eval: attack radii")
+    ty.add_argument(
+        "--eps",
+        type=floats,
+        help="eval: attack radii (default: a third, two thirds and all of the training eps)",
+    )
     ty.add_argument("--steps", type=int, default=40, help="eval: attack steps")
     ty.add_argument("--lambdas", type=floats, default=[0.1, 1.0, 10.0], help="eval: adaptive attack weights")
-    ty.add_argument("--ood", default="fashion-mnist", help="eval: out-of-distribution test set ('' for none)")
+    ty.add_argument(
+        "--ood",
+        help="eval: out-of-distribution test set, or folder:DIR ('' for none; default: fashion-mnist for "
+        "1x28x28 models not trained on it, else none)",
+    )
     ty.add_argument("--out", help="eval: write the JSON here")
     ty.set_defaults(run=run)
 
@@ -58,17 +66,21 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"erc: {card.name} has no typicality entry; run `erc typicality fit {card.name}` first"
         )
+    ood = args.ood
+    if ood is None:  # the project's own OOD set fits only models of its geometry
+        ood = "fashion-mnist" if card.input_shape == [1, 28, 28] and card.dataset != "fashion-mnist" else ""
     result = evaluate(
         loaded.model,
         Typicality.from_dict(card.typicality),
         card.dataset,
-        ood=args.ood or None,
+        ood=canonical_dataset(ood) or None,
         n=args.n,
         adv_n=args.adv_n,
-        eps=args.eps,
+        eps=args.eps or [round(card.train_eps * f, 6) for f in (1 / 3, 2 / 3, 1.0)],
         steps=args.steps,
         lambdas=args.lambdas,
         data_dir=args.data_dir,
+        folder=card.folder_options(),
     )
     result["model"] = card.name
     result["weights_sha256"] = card.weights_sha256

@@ -25,7 +25,9 @@ from service.payloads import ImagePayload, b64decode, decode_all
 from service.routes.common import registry, settings_of
 from service.schemas import Instance, error_responses, json_error_responses
 from training.attacks import AttackError, build_attacks, default_attacks, list_attacks, list_presets
-from training.data import dataset_info
+from training.card import ModelCard
+from training.data import dataset_info, is_folder
+from training.data.folder import canonical_name
 
 
 def audits(request: Request) -> AuditManager:
@@ -131,6 +133,25 @@ def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
     )
 
 
+def _check_dataset(name: str, card: ModelCard) -> None:
+    """``data.dataset``: a named dataset of the model's input shape, or the model's own image folder
+    (its test split is read with the card's size, channels and classes). Other folders are not read
+    on an HTTP request's say-so: ``erc audit --dataset folder:DIR`` audits them."""
+    if is_folder(name):
+        if canonical_name(name) != card.dataset:
+            raise InvalidInput(
+                f"data.dataset: {name} is not this model's image folder ({card.dataset}); audit other "
+                "folders with erc audit MODEL --dataset folder:DIR"
+            )
+        return
+    try:
+        shape = dataset_info(name).shape
+    except KeyError as exc:  # unknown dataset: the message lists the known ones
+        raise InvalidInput(f"data.dataset: {exc.args[0]}") from None
+    if shape != tuple(card.input_shape):
+        raise InvalidInput(f"dataset {name} has shape {shape}, the model takes {tuple(card.input_shape)}")
+
+
 @router.post(
     "/audits",
     status_code=202,
@@ -143,7 +164,6 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     served = registry(request).get(req.model)
     assert served.card is not None and served.engine is not None
     card = served.card
-    info = dataset_info(card.dataset)
     c, h, w = card.input_shape
     spec = _spec(req, card.train_eps, c * h * w)
     manager = audits(request)
@@ -174,16 +194,8 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
         n = min(req.data.n, settings.audit_max_n)
         if req.data.n > settings.audit_max_n:
             raise LimitExceeded(f"data.n = {req.data.n}; the audit limit is {settings.audit_max_n}")
-        if req.data.dataset is not None:
-            try:
-                other = dataset_info(req.data.dataset) if req.data.dataset else info
-            except KeyError as exc:  # unknown dataset: the message lists the known ones
-                raise InvalidInput(f"data.dataset: {exc.args[0]}") from None
-            if other.shape != tuple(card.input_shape):
-                raise InvalidInput(
-                    f"dataset {req.data.dataset} has shape {other.shape}, the model takes "
-                    f"{tuple(card.input_shape)}"
-                )
+        if req.data.dataset:
+            _check_dataset(req.data.dataset, card)
     work = spec.work(n) + checks_cost(spec, n)
     if work > settings.audit_max_work:
         raise LimitExceeded(

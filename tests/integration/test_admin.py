@@ -4,8 +4,6 @@ headless Chromium, cancel, queueing, metrics, and prediction traffic during an a
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,7 +81,7 @@ def test_wrong_or_missing_token_is_401(admin_server, headers) -> None:
     assert r.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_audit_end_to_end(admin_server, tmp_path: Path) -> None:
+def test_audit_end_to_end(admin_server, tmp_path: Path, screenshot_html) -> None:
     with admin_server.client() as c:
         r = c.post("/admin/audits", json=SMALL, headers=AUTH)
         assert r.status_code == 202, r.text
@@ -125,43 +123,7 @@ def test_audit_end_to_end(admin_server, tmp_path: Path) -> None:
         metrics = c.get("/metrics").text
     assert 'erc_audit_robust_accuracy{attack="union",eps="0.3",model="tiny"}' in metrics
     assert 'erc_audits_total{status="done"}' in metrics
-    _screenshot(report.text, tmp_path)
-
-
-def _screenshot(html: str, tmp_path: Path) -> None:
-    """The report renders in headless Chromium (Debian's package) without a crash."""
-    from PIL import Image
-
-    page = tmp_path / "report.html"
-    page.write_text(html)
-    shot = tmp_path / "report.png"
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed (make test installs it)"
-    res = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1100,2000",
-            f"--screenshot={shot}",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    img = Image.open(shot).convert("L")
-    assert img.size == (1100, 2000)
-    lo, hi = img.getextrema()
-    assert hi - lo > 100, "the screenshot is not blank"
+    screenshot_html(report.text, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ Readers, one per on-disk format, with no torchvision:
 - ``cifar10``: the pickled "python version" batches, through a restricted unpickler
   (:mod:`training.data.cifar`);
 - ``stl10``: the column-major binary files (:mod:`training.data.stl10`);
-- ``tiny-imagenet``: JPEG folders, decoded once and cached (:mod:`training.data.tiny_imagenet`).
+- ``tiny-imagenet``: JPEG folders, decoded once and cached (:mod:`training.data.tiny_imagenet`);
+- ``folder:PATH``: your own images, one folder per class, decoded once by the service's decoder
+  and cached (:mod:`training.data.folder`).
 
 Every split comes back as an :class:`ImageSet`: uint8 images [N, C, H, W] and int64 labels [N].
 Splits are "train" and "test" (the labelled evaluation split; Tiny ImageNet's ``val/``).
@@ -22,6 +24,7 @@ Example::
 """
 
 from training.data.core import DataError, DatasetInfo, ImageSet
+from training.data.folder import FolderOptions, is_folder
 from training.data.registry import (
     dataset_info,
     describe,
@@ -33,9 +36,11 @@ from training.data.registry import (
 __all__ = [
     "DataError",
     "DatasetInfo",
+    "FolderOptions",
     "ImageSet",
     "dataset_info",
     "describe",
+    "is_folder",
     "list_datasets",
     "load_split",
     "resolve_data_dir",

@@ -44,7 +44,7 @@ class DatasetInfo:
     width: int  # W in pixels
     num_classes: int  # labels lie in [0, num_classes)
     label_names: tuple[str, ...]  # index -> human-readable name; () until known (Tiny ImageNet)
-    train_eps: float  # l_inf radius of adversarial training, in [0, 1] pixel units
+    train_eps: float | None  # l_inf radius of adversarial training in [0, 1] pixel units; None: no default
     mean: tuple[float, ...] | None  # per-channel normalization applied inside the model, or None
     std: tuple[float, ...] | None  # per-channel std for that normalization, or None
 

@@ -40,6 +40,7 @@ from typing import Any
 from training.data.cifar import META_FILE, read_cifar_split
 from training.data.cifar import SPLIT_FILES as CIFAR_FILES
 from training.data.core import DataError, DatasetInfo, ImageSet, checksum_file, md5_bytes
+from training.data.folder import FolderOptions, check_folder, folder_root, is_folder, load_folder
 from training.data.idx import IDX_STEMS, read_idx_split, variants
 from training.data.stl10 import CLASS_NAMES_FILE, read_stl10_split
 from training.data.stl10 import SPLIT_FILES as STL_FILES
@@ -371,9 +372,12 @@ def list_datasets() -> list[str]:
     return list(_SPECS)
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def dataset_info(name: str, folder: FolderOptions | None = None) -> DatasetInfo:
     """Static facts about a dataset. Tiny ImageNet's ``label_names`` is () here: its names come
-    from the files and are filled in by :func:`load_split`."""
+    from the files and are filled in by :func:`load_split`. An image folder (``folder:PATH``) is
+    read (or taken from its cache) to know them, with ``folder``'s options."""
+    if is_folder(name):
+        return load_folder(name, folder).info
     return get_spec(name).info
 
 
@@ -455,13 +459,21 @@ def load_split(
     *,
     n: int | None = None,
     seed: int = 0,
+    folder: FolderOptions | None = None,
 ) -> ImageSet:
     """Read one split ("train", or "test" = the labelled evaluation split) of a dataset.
 
     Returns an :class:`ImageSet` of uint8 images [N, C, H, W] and int64 labels [N]; with ``n``, a
     random subset of ``n`` samples chosen by ``seed`` (see :meth:`ImageSet.subset`).
+    ``name`` may be an image folder, ``folder:PATH`` (:mod:`training.data.folder`), read with
+    ``folder``'s options (size, channels, split; default: inferred); ``data_dir`` is then unused.
     Unknown names raise KeyError, unknown splits ValueError, any missing or bad file DataError.
     """
+    if is_folder(name):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        both = load_folder(name, folder)
+        return (both.train if split == "train" else both.test).subset(n, seed)
     spec = get_spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for {spec.info.name}; allowed: {', '.join(SPLITS)}")
@@ -530,6 +542,8 @@ def describe(name: str, data_dir: str | os.PathLike[str] | None = None) -> dict[
     (the downloadable archives, looked for beside the data folder), ``download`` (base URL and
     files) and ``info`` (the DatasetInfo fields plus ``shape``).
     """
+    if is_folder(name):
+        return check_folder(folder_root(name), decode=False)
     spec = get_spec(name)
     info = spec.info
     root: Path | None

@@ -12,9 +12,10 @@ Images are 64 x 64; a few are grayscale and are converted to RGB. Pillow is impo
 JPEGs actually have to be decoded.
 
 Decoding 100k JPEGs takes a while, so the decoded uint8 arrays are cached as ``.npz`` under
-``<root>/.erc-cache/`` (or ``~/.cache/erc/tiny-imagenet/<hash of root>/`` when the data folder is
-read-only). The cache key hashes the split, every image's relative path, size, mtime and label, so
-any change to the files invalidates it. A cache that cannot be read is ignored and rebuilt: it is
+``<root>/.erc-cache/`` (or ``$ERC_CACHE_DIR/tiny-imagenet/<hash of root>/``, default base
+``~/.cache/erc``, when the data folder is read-only; see :mod:`training.data.cache`). The cache
+key hashes the split, every image's relative path, size, mtime and label, so any change to the
+files invalidates it. A cache that cannot be read is ignored and rebuilt: it is
 derived data, never the source of truth.
 """
 
@@ -24,16 +25,15 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
 
+from training.data.cache import decode_parallel, load_arrays, store_arrays, user_cache_dir
 from training.data.core import DataError, DatasetInfo, ImageSet, from_numpy, subset_indices
 
 __all__ = [
@@ -55,7 +55,6 @@ VAL_ANNOTATIONS = "val/val_annotations.txt"
 _IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 # Bump when the cached arrays' meaning changes (layout, conversion), so old caches are not reused.
 _CACHE_VERSION = 1
-_CHUNK = 256  # images per decode task: large enough to amortize the executor, small for progress
 
 
 def read_wnids(root: Path, info: DatasetInfo) -> tuple[str, ...]:
@@ -174,61 +173,26 @@ def _fingerprint(root: Path, split: str, files: list[Path], labels: npt.NDArray[
 
 def cache_dirs(root: Path) -> list[Path]:
     """Where decoded arrays may be cached, preferred first: beside the data, then the user cache."""
-    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    return [root / ".erc-cache", Path.home() / ".cache" / "erc" / "tiny-imagenet" / tag]
+    return [root / ".erc-cache", user_cache_dir("tiny-imagenet", root)]
 
 
 def _load_cache(
     root: Path, split: str, key: str, labels: npt.NDArray[np.int64], info: DatasetInfo
 ) -> npt.NDArray[np.uint8] | None:
-    for folder in cache_dirs(root):
-        path = folder / f"{split}-{key}.npz"
-        if not path.is_file():
-            continue
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                images, cached_labels = z["images"], z["labels"]
-        except Exception as exc:  # any unreadable cache is just a cache miss
-            log.warning("ignoring unreadable cache %s: %s", path, exc)
-            continue
+    def check(arrays: Mapping[str, npt.NDArray[np.generic]]) -> str | None:
+        images, cached_labels = arrays.get("images"), arrays.get("labels")
         if (
-            images.dtype != np.uint8
+            images is None
+            or cached_labels is None
+            or images.dtype != np.uint8
             or images.shape != (len(labels), *info.shape)
             or not np.array_equal(cached_labels, labels)
         ):
-            log.warning("ignoring cache %s: it does not match the files", path)
-            continue
-        log.info("tiny-imagenet %s: using cached decoded images %s", split, path)
-        return images
-    return None
+            return "it does not match the files"
+        return None
 
-
-def _store_cache(
-    root: Path, split: str, key: str, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.int64]
-) -> Path | None:
-    for folder in cache_dirs(root):
-        tmp: str | None = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".npz.tmp", dir=folder)
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, images=images, labels=labels)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache beside shared data should be readable
-            final = folder / f"{split}-{key}.npz"
-            os.replace(tmp, final)  # atomic: readers see the old file or the complete new one
-            tmp = None
-        except OSError as exc:
-            log.warning("cannot cache decoded images in %s: %s", folder, exc)
-            continue
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-        for stale in folder.glob(f"{split}-*.npz"):
-            if stale != final:  # an older key: the files changed since; free the space
-                stale.unlink(missing_ok=True)
-        log.info("tiny-imagenet %s: cached decoded images in %s", split, final)
-        return final
-    return None
+    arrays = load_arrays(cache_dirs(root), f"{split}-{key}.npz", check)
+    return None if arrays is None else arrays["images"].astype(np.uint8, copy=False)
 
 
 def _pil_image(root: Path) -> Any:
@@ -257,25 +221,15 @@ def _decode(path: Path, info: DatasetInfo, image_mod: Any) -> npt.NDArray[np.uin
 
 
 def _decode_all(root: Path, files: list[Path], info: DatasetInfo, desc: str) -> npt.NDArray[np.uint8]:
-    """Decode ``files`` into one uint8 array [N, 3, H, W], on a few threads (Pillow releases the GIL)."""
+    """Decode ``files`` into one uint8 array [N, 3, H, W], on a few threads."""
     image_mod = _pil_image(root)
     out = np.empty((len(files), *info.shape), dtype=np.uint8)
 
-    def work(start: int) -> int:
-        stop = min(start + _CHUNK, len(files))
-        for i in range(start, stop):
-            out[i] = _decode(files[i], info, image_mod)
-        return stop - start
+    def decode(i: int) -> None:
+        out[i] = _decode(files[i], info, image_mod)
 
     log.info("%s: decoding %d images under %s", desc, len(files), root)
-    starts = range(0, len(files), _CHUNK)
-    workers = min(8, os.cpu_count() or 1)
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(files), desc=desc, unit="img", disable=None) as bar,
-    ):
-        for done in pool.map(work, starts):
-            bar.update(done)
+    decode_parallel(len(files), decode, desc)
     return out
 
 
@@ -301,5 +255,5 @@ def read_tiny_imagenet_split(
         images = _decode_all(root, [files[i] for i in chosen], info, f"tiny-imagenet {split} (subset)")
         return from_numpy(images, labels[chosen], info)
     images = _decode_all(root, files, info, f"tiny-imagenet {split}")
-    _store_cache(root, split, key, images, labels)
+    store_arrays(cache_dirs(root), split, key, {"images": images, "labels": labels})
     return from_numpy(images, labels, info)

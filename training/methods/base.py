@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.attacks import pgd
-from training.config import TrainConfig, training_eps
-from training.data import DatasetInfo
+from training.config import ConfigError, TrainConfig, training_eps
+from training.data import DatasetInfo, is_folder
 from training.models import EmbeddingClassifier, arch_for, create_model
 
 
@@ -36,9 +36,12 @@ class Method:
         self.info = info
         self.device = device
         self.distributed = distributed
-        self.arch = cfg.model.arch or arch_for(info.name, self.family)
+        self.arch = cfg.model.arch or arch_for(info.name, self.family, info.shape)
         self.arch_kwargs = self.build_arch_kwargs()
-        model = create_model(self.arch, **self.arch_kwargs)
+        try:
+            model = create_model(self.arch, **self.arch_kwargs)
+        except ValueError as exc:  # e.g. images too small for the network's downsampling
+            raise ConfigError(f"model.arch: {self.arch} on {info.shape} inputs: {exc}") from None
         if not isinstance(model, EmbeddingClassifier):
             raise TypeError(f"architecture {self.arch!r} is not an EmbeddingClassifier")
         self.model: EmbeddingClassifier = self._place(model)
@@ -62,6 +65,9 @@ class Method:
             kw["std"] = list(self.info.std)
         if self.family == "er" and self.cfg.model.embed_dim is not None:
             kw["embed_dim"] = self.cfg.model.embed_dim
+        if is_folder(self.info.name):  # the paper's network of the closest geometry, fitted to these images
+            kw["in_chans"] = self.info.channels
+            kw["input_size"] = [self.info.height, self.info.width]
         for key in ("noise_init", "noise_inner", "ensemble"):
             value = getattr(self.cfg.model, key)
             if value is not None:

@@ -3,13 +3,17 @@
 Architectures follow the paper's Figures 8-10; each builder returns an
 :class:`~training.models.base.EmbeddingClassifier` (or, for the discriminator, an ``nn.Module``)
 and accepts keyword arguments only. ``arch_for(dataset, family)`` maps a dataset name to its
-architecture, so datasets of the same geometry (MNIST and Fashion-MNIST) share one.
+architecture, so datasets of the same geometry (MNIST and Fashion-MNIST) share one; any other
+dataset (an image folder) gets the paper's network of the closest input geometry
+(:func:`closest_geometry`), its first and last layers fitted to the input (``in_chans``,
+``input_size``).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -57,14 +61,42 @@ _FAMILY_PREFIX = {
 }
 
 
-def arch_for(dataset: str, family: str) -> str:
-    """Architecture name for a dataset and a family (``"er"`` or ``"baseline"``)."""
-    if dataset not in _ARCH_DATASET:
-        known = ", ".join(sorted(_ARCH_DATASET))
-        raise UnknownName(f"no architecture for dataset {dataset!r}; known: {known}")
+# The input each architecture suffix was designed for: (channels, side in pixels) of the paper's
+# datasets (Figure 9: MNIST 28; Figure 10: CIFAR-10 32, Tiny ImageNet 64, STL-10 96).
+GEOMETRY = {"mnist": (1, 28), "cifar10": (3, 32), "tinyimagenet": (3, 64), "stl10": (3, 96)}
+
+
+def closest_geometry(shape: Sequence[int]) -> str:
+    """The architecture suffix whose paper input is closest to ``shape`` = (C, H, W).
+
+    Among the networks whose paper input is no larger than the image's shorter side (their
+    downsampling then fits: STL-10's encoder needs 96 pixels, the VGGs 32), the closest in scale
+    (``|log(side / paper side)|`` with side = sqrt(H * W)), since the depth of the downsampling is
+    what ties a network to an image size; equal scales go to the network of the same channel count.
+    28 -> Figure 9, 32 and 48 -> CIFAR-10's encoder, 64 and 80 -> Tiny ImageNet's, 96 and up ->
+    STL-10's; images under 28 pixels get Figure 9's (it takes 16 and up).
+    """
+    c, h, w = (int(v) for v in shape)
+    side = math.sqrt(h * w)
+    fitting = [s for s in GEOMETRY if GEOMETRY[s][1] <= min(h, w)] or ["mnist"]
+    return min(fitting, key=lambda s: (round(abs(math.log(side / GEOMETRY[s][1])), 9), GEOMETRY[s][0] != c))
+
+
+def arch_for(dataset: str, family: str, shape: Sequence[int] | None = None) -> str:
+    """Architecture name for a dataset and a family (``"er"`` or ``"baseline"``).
+
+    A dataset that is not one of the paper's (an image folder) needs its ``shape`` (C, H, W): it gets
+    the family's network of the :func:`closest_geometry`.
+    """
     if family not in _FAMILY_PREFIX:
         raise UnknownName(f"unknown model family {family!r}; known: {', '.join(sorted(_FAMILY_PREFIX))}")
-    suffix = _ARCH_DATASET[dataset]
+    if dataset in _ARCH_DATASET:
+        suffix = _ARCH_DATASET[dataset]
+    elif shape is not None:
+        suffix = closest_geometry(shape)
+    else:
+        known = ", ".join(sorted(_ARCH_DATASET))
+        raise UnknownName(f"no architecture for dataset {dataset!r}; known: {known} (or give its shape)")
     return f"{_FAMILY_PREFIX[family][suffix]}_{suffix}"
 
 
@@ -74,10 +106,12 @@ from training.models.base import EmbeddingClassifier, GaussianEncoder  # noqa: E
 from training.models.er import build_discriminator  # noqa: E402
 
 __all__ = [
+    "GEOMETRY",
     "EmbeddingClassifier",
     "GaussianEncoder",
     "arch_for",
     "build_discriminator",
+    "closest_geometry",
     "create_model",
     "list_models",
     "register_model",

@@ -9,7 +9,12 @@ Every builder takes keyword arguments:
   for CPU training);
 - ``variational``: the encoder emits (mu, log-variance) for VAE-CLA; inference uses mu;
 - ``mean`` / ``std``: optional per-channel normalization applied inside the model;
-- ``noise_init`` / ``noise_inner`` / ``ensemble``: Random Self-Ensemble noise layers (0 disables).
+- ``noise_init`` / ``noise_inner`` / ``ensemble``: Random Self-Ensemble noise layers (0 disables);
+- ``in_chans`` / ``input_size``: input channels and ``(height, width)`` when they differ from the
+  paper's dataset (image folders). The convolutions stay the paper's; the layer after the last one
+  is sized for what they give on that input (a dry run on zeros), so a 40x40 input gets Figure 9's
+  encoder with a ``Linear(1024 * 2 * 2, k)``. Inputs too small for the network's downsampling are
+  refused with the size it needs.
 
 Deviation from the figures, on purpose: the CIFAR-10 classifier's last layer prints
 ``out_features=16`` in Figure 10, which cannot be right for 10 classes; we use ``num_classes``.
@@ -20,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from training.models import register_model
@@ -33,6 +39,29 @@ def _normalize(mean: Sequence[float] | None, std: Sequence[float] | None) -> Nor
     if mean is None or std is None:
         raise ValueError("give both mean and std, or neither")
     return Normalize(mean, std)
+
+
+def flat_features(
+    layers: Sequence[nn.Module], in_chans: int, input_size: Sequence[int] | None, default: int
+) -> int:
+    """Features ``layers`` produce for one ``[in_chans, H, W]`` input, flattened; ``default`` (the
+    paper's geometry) when ``input_size`` is None. A dry run on zeros, in eval mode, without grad."""
+    if input_size is None:
+        return default
+    h, w = (int(v) for v in input_size)
+    body = nn.Sequential(*layers)
+    was = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            out = body(torch.zeros(1, in_chans, h, w))
+    except RuntimeError as exc:  # a convolution or pool larger than what is left of the image
+        raise ValueError(f"a {w}x{h} input is too small for this network's downsampling ({exc})") from None
+    finally:
+        body.train(was)
+    if out.numel() == 0:
+        raise ValueError(f"a {w}x{h} input is too small for this network's downsampling (nothing is left)")
+    return int(out[0].numel())
 
 
 def _dcgan_body(in_chans: int, chans: Sequence[int]) -> list[nn.Module]:
@@ -167,23 +196,36 @@ def assemble(
 
 @register_model
 def er_mnist(
-    *, embed_dim: int = 4, num_classes: int = 10, width: float = 1.0, in_chans: int = 1, **options: Any
+    *,
+    embed_dim: int = 4,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 1,
+    input_size: Sequence[int] | None = None,
+    **options: Any,
 ) -> EmbeddingClassifier:
     """Figure 9, MNIST: 4 conv layers 128-256-512-1024 (28->14->7->3->1), fc 1024->k; BN-MLP head."""
     chans = [scaled(c, width) for c in (128, 256, 512, 1024)]
+    body = _dcgan_body(in_chans, chans)
     return assemble(
-        _dcgan_body(in_chans, chans),
+        body,
         _bn_mlp_classifier(embed_dim, num_classes, width),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        embed_from=chans[-1],
+        embed_from=flat_features(body, in_chans, input_size, chans[-1]),
         **options,
     )
 
 
 @register_model
 def er_stl10(
-    *, embed_dim: int = 16, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
+    *,
+    embed_dim: int = 16,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 3,
+    input_size: Sequence[int] | None = None,
+    **options: Any,
 ) -> EmbeddingClassifier:
     """Figure 10, STL-10: 5 stride-2 convs 128..2048 then a 3x3 stride-2 conv (96->...->3->1)."""
     chans = [scaled(c, width) for c in (128, 256, 512, 1024, 2048)]
@@ -199,14 +241,20 @@ def er_stl10(
         _bn_mlp_classifier(embed_dim, num_classes, width),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        embed_from=last,
+        embed_from=flat_features(body, in_chans, input_size, last),
         **options,
     )
 
 
 @register_model
 def er_cifar10(
-    *, embed_dim: int = 16, num_classes: int = 10, width: float = 1.0, in_chans: int = 3, **options: Any
+    *,
+    embed_dim: int = 16,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_chans: int = 3,
+    input_size: Sequence[int] | None = None,
+    **options: Any,
 ) -> EmbeddingClassifier:
     """Figure 10, CIFAR-10: VGG19 features without BatchNorm (32->1), fc 512->k; dropout MLP head."""
     h = scaled(512, width)
@@ -220,12 +268,13 @@ def er_cifar10(
         nn.ReLU(inplace=True),
         nn.Linear(h, num_classes),
     )
+    body = vgg_body(in_chans, VGG19, width, batch_norm=False)
     return assemble(
-        vgg_body(in_chans, VGG19, width, batch_norm=False),
+        body,
         classifier,
         embed_dim=embed_dim,
         num_classes=num_classes,
-        embed_from=scaled(512, width),
+        embed_from=flat_features(body, in_chans, input_size, scaled(512, width)),
         **options,
     )
 
@@ -245,7 +294,13 @@ def vgg_head(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
 
 @register_model
 def er_tinyimagenet(
-    *, embed_dim: int = 20, num_classes: int = 200, width: float = 1.0, in_chans: int = 3, **options: Any
+    *,
+    embed_dim: int = 20,
+    num_classes: int = 200,
+    width: float = 1.0,
+    in_chans: int = 3,
+    input_size: Sequence[int] | None = None,
+    **options: Any,
 ) -> EmbeddingClassifier:
     """Figure 10, Tiny ImageNet: VGG16-BN features, global average pool, fc 512->k; 4096-4096 head."""
     body = [*vgg_body(in_chans, VGG16, width, batch_norm=True), nn.AdaptiveAvgPool2d(1)]
@@ -254,7 +309,7 @@ def er_tinyimagenet(
         vgg_head(embed_dim, scaled(4096, width), num_classes),
         embed_dim=embed_dim,
         num_classes=num_classes,
-        embed_from=scaled(512, width),
+        embed_from=flat_features(body, in_chans, input_size, scaled(512, width)),
         **options,
     )
 

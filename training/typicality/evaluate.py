@@ -3,15 +3,19 @@ out-of-distribution images, PGD images and the adaptive attack that knows the de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from training.typicality import Typicality, calibration_split
+
+if TYPE_CHECKING:
+    from training.data import FolderOptions
 
 
 def auroc(negatives: Sequence[float] | np.ndarray, positives: Sequence[float] | np.ndarray) -> float:
@@ -81,15 +85,18 @@ def evaluate(
     data_dir: str | None = None,
     seed: int = 0,
     batch_size: int = 250,
+    folder: FolderOptions | None = None,
 ) -> dict[str, Any]:
     """Detection figures on the evaluation half of the test split (never used in calibration):
-    (a) against ``ood`` test images, (b) against PGD images, (c) against the adaptive attack."""
+    (a) against ``ood`` test images, (b) against PGD images, (c) against the adaptive attack.
+    Image folders are read with ``folder`` (the model's size and channels); an ``ood`` folder keeps
+    its own classes (only its images count)."""
     from training.attacks import build_attack
     from training.data import load_split
     from training.evaluate import to_unit
 
     device = next(model.parameters()).device
-    test = load_split(dataset, "test", data_dir)
+    test = load_split(dataset, "test", data_dir, folder=folder)
     _, eval_idx = calibration_split(len(test), int(typ.info.get("seed", seed)))
     eval_idx = eval_idx[:n]
     x_all = test.images[eval_idx]
@@ -115,7 +122,8 @@ def evaluate(
     }
     t0 = time.perf_counter()
     if ood:
-        other = load_split(ood, "test", None, n=n, seed=seed)
+        ood_folder = dataclasses.replace(folder, classes=None) if folder is not None else None
+        other = load_split(ood, "test", None, n=n, seed=seed, folder=ood_folder)
         result["ood"] = {
             "dataset": f"{ood} test",
             **_rates(clean, scores_of(other.images), typ.threshold, fpr),

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.data import FolderOptions
+from training.errors import ErcError
 from training.typicality import Typicality, calibration_split
+
+
+class TypicalityFitError(ErcError, ValueError):
+    """Too few training embeddings of a class to fit its Gaussian."""
+
 
 RIDGE = 1e-4  # added to each covariance's diagonal, times its mean variance: keeps it invertible
 
@@ -54,7 +61,9 @@ def fit(
     for c in range(num_classes):
         zc = z[y_train == c]
         if len(zc) < k + 1:
-            raise ValueError(f"class {c} has {len(zc)} training embeddings; need at least {k + 1}")
+            raise TypicalityFitError(
+                f"class {c} has {len(zc)} training embeddings; a {k}-d Gaussian needs at least {k + 1}"
+            )
         counts.append(len(zc))
         means[c] = zc.mean(0)
         cov = torch.cov(zc.T).reshape(k, k)
@@ -92,13 +101,14 @@ def fit_for_model(
     fpr: float = 0.05,
     data_dir: str | None = None,
     seed: int = 0,
+    folder: FolderOptions | None = None,
 ) -> Typicality:
     """Fit on ``fit_n`` training images (all when None) and calibrate on the calibration half of
-    the test split (at most ``calibration_n`` of it)."""
+    the test split (at most ``calibration_n`` of it); an image folder is read with ``folder``."""
     from training.data import load_split
 
-    train = load_split(dataset, "train", data_dir, n=fit_n, seed=seed)
-    test = load_split(dataset, "test", data_dir)
+    train = load_split(dataset, "train", data_dir, n=fit_n, seed=seed, folder=folder)
+    test = load_split(dataset, "test", data_dir, folder=folder)
     calib_idx, _ = calibration_split(len(test), seed)
     if calibration_n is not None:
         calib_idx = calib_idx[:calibration_n]

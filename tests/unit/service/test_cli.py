@@ -218,7 +218,9 @@ def test_errors_are_clear(erc_env: dict, tmp_path: Path) -> None:
 
 def test_data_list_and_info(erc_env: dict, tmp_path: Path) -> None:
     res = _erc(["data", "list"], erc_env, tmp_path)
-    assert res.stdout.split() == ["mnist", "fashion-mnist", "cifar10", "stl10", "tiny-imagenet"]
+    lines = res.stdout.splitlines()
+    assert lines[:-1] == ["mnist", "fashion-mnist", "cifar10", "stl10", "tiny-imagenet"]
+    assert lines[-1].startswith("folder:PATH (your own images")
     res = _erc(["data", "info", "mnist"], erc_env, tmp_path)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)

@@ -65,3 +65,22 @@ def test_shipped_configs_load(repo_root: Path) -> None:
     assert files, "the package ships example configs"
     for f in files:
         load_config(f)
+
+
+def test_image_folder_keys_and_embed_dim_auto() -> None:
+    from training.config import training_eps
+    from training.train import validate
+
+    cfg = load_config(
+        overrides={"data.dataset": "folder:/data/pets", "data.image_size": "64x48", "model.embed_dim": "auto"}
+    )
+    assert cfg.data.image_size == "64x48" and cfg.model.embed_dim == "auto"
+    assert load_config(overrides={"model.embed_dim": "8"}).model.embed_dim == 8
+    with pytest.raises(ConfigError, match=r"adv\.eps: required for an image folder"):
+        validate(cfg)  # no silent default for unknown data
+    with pytest.raises(ConfigError, match="folder:/data/pets has no default training eps"):
+        training_eps(cfg, cfg.data.dataset)
+    validate(load_config(overrides={"data.dataset": "folder:/data/pets", "adv.eps": "0.05"}))
+    assert training_eps({"adv": {"eps": 0.05}}, "folder:/data/pets") == 0.05
+    with pytest.raises(ConfigError, match=r"model\.embed_dim: a positive integer or 'auto'"):
+        validate(load_config(overrides={"model.embed_dim": "big"}))

@@ -187,3 +187,39 @@ def test_stored_files_are_readable_by_other_users(run_dir: Path, tmp_path: Path)
     assert path.stat().st_mode & 0o777 == 0o755
     for f in path.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_a_small_image_folder_exports_without_a_typicality_score(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Three training images a class cannot fit a 4-d Gaussian per class: the model is exported and
+    served without the typicality score, and the log says why; the card describes the folder."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("ERC_CACHE_DIR", str(tmp_path / "cache"))
+    for k, name in enumerate(("ant", "bee")):
+        for i in range(4):
+            (tmp_path / "img" / name).mkdir(parents=True, exist_ok=True)
+            arr = np.full((16, 16, 3), 60 * k + 10 * i, np.uint8)
+            Image.fromarray(arr).save(tmp_path / "img" / name / f"{i}.png")
+    cfg = load_config(
+        overrides={
+            "data.dataset": f"folder:{tmp_path / 'img'}",
+            "data.test_fraction": 0.25,
+            "data.batch_size": 2,
+            "adv.eps": 0.05,
+            "adv.steps": 1,
+            "model.width": 0.125,
+            "run.epochs": 1,
+            "run.progress": False,
+            "run.out_dir": str(tmp_path / "run"),
+        }
+    )
+    run_training(cfg)
+    with caplog.at_level("WARNING", logger="training.export"):
+        path = export_run(tmp_path / "run", "bugs", tmp_path / "store", device="cpu")
+    assert "bugs: no typicality score: class 0 has 3 training embeddings" in caplog.text
+    card = read_card(path)
+    assert card.typicality == {} and card.label_names == ["ant", "bee"] and card.input_shape == [3, 16, 16]
+    assert card.arch == "er_mnist" and card.arch_kwargs["input_size"] == [16, 16] and card.train_eps == 0.05
+    assert card.data["counts"] == {"train": {"ant": 3, "bee": 3}, "test": {"ant": 1, "bee": 1}}
+    assert card.metrics[0]["dataset"] == f"folder:{tmp_path / 'img'}" and card.metrics[0]["n"] == 2

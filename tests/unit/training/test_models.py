@@ -142,3 +142,64 @@ def test_discriminator_matches_figure_10() -> None:
 )
 def test_arch_for_dataset(dataset: str, family: str, arch: str) -> None:
     assert arch_for(dataset, family) == arch
+
+
+@pytest.mark.parametrize(
+    "shape,family,arch",
+    [
+        ((1, 28, 28), "er", "er_mnist"),
+        ((3, 28, 28), "er", "er_mnist"),
+        ((3, 32, 32), "er", "er_cifar10"),
+        ((3, 40, 40), "er", "er_cifar10"),
+        ((3, 48, 48), "er", "er_cifar10"),
+        ((3, 64, 64), "baseline", "vgg16_tinyimagenet"),
+        ((1, 80, 80), "er", "er_tinyimagenet"),
+        ((1, 20, 20), "er", "er_mnist"),
+        ((3, 96, 96), "baseline", "cnn_stl10"),
+        ((3, 200, 150), "er", "er_stl10"),
+    ],
+)
+def test_arch_for_an_image_folder_is_the_closest_paper_network(shape, family: str, arch: str) -> None:
+    assert arch_for("folder:/data/pets", family, shape) == arch
+
+
+def test_arch_for_an_unknown_dataset_without_a_shape_is_refused() -> None:
+    with pytest.raises(KeyError, match="give its shape"):
+        arch_for("folder:/data/pets", "er")
+
+
+@pytest.mark.parametrize("name", sorted(EMBED) + sorted(BASELINE_FEATURES))
+@pytest.mark.parametrize("in_chans,grow", [(3, (8, 8)), (1, (40, 20))])
+def test_every_architecture_fits_other_input_sizes_and_channels(name: str, in_chans: int, grow) -> None:
+    """The paper's convolutions on another geometry (larger than the paper's input, which is what
+    arch_for picks them for): the layer after them is sized by a dry run."""
+    side = SHAPES[_geometry(name)][1]
+    size = (side + grow[0], side + grow[1])
+    model = create_model(name, width=0.125, num_classes=3, in_chans=in_chans, input_size=list(size))
+    assert isinstance(model, EmbeddingClassifier)
+    model.eval()
+    x = torch.rand(2, in_chans, *size)
+    assert model(x).shape == (2, 3) and model.forward_features(x).shape == (2, model.embed_dim)
+
+
+@pytest.mark.parametrize("name", sorted(EMBED) + sorted(BASELINE_FEATURES))
+def test_paper_geometry_given_explicitly_builds_the_same_network(name: str) -> None:
+    geo = SHAPES[_geometry(name)]
+    a = create_model(name, width=0.125)
+    b = create_model(name, width=0.125, in_chans=geo[0], input_size=list(geo[1:]))
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+@pytest.mark.parametrize("shape", [(3, 80, 80), (1, 16, 16), (3, 31, 200), (3, 100, 97)])
+@pytest.mark.parametrize("family", ["er", "baseline"])
+def test_the_network_arch_for_picks_takes_the_input(shape, family: str) -> None:
+    arch = arch_for("folder:/x", family, shape)
+    model = create_model(arch, width=0.125, in_chans=shape[0], input_size=list(shape[1:]), num_classes=2)
+    assert model.eval()(torch.rand(1, *shape)).shape == (1, 2)
+
+
+def test_an_input_too_small_for_the_downsampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="8x8 input is too small"):
+        create_model("er_cifar10", width=0.125, input_size=[8, 8])
+    with pytest.raises(ValueError, match="80x80 input is too small"):
+        create_model("er_stl10", width=0.125, input_size=[80, 80])
