@@ -12,11 +12,12 @@ ERC := $(BIN)/erc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian packages the tests use: Fashion-MNIST (the second dataset on this machine), Prometheus
-# (the native stack test), Chromium (renders the audit report); and those the container tests use:
+# (the native stack test), Chromium (renders the audit report) with chromium-driver (Selenium drives
+# it in the console's browser tests; no browser is downloaded); and those the container tests use:
 # rootful podman with runc, debootstrap (offline base image), docker-compose (schema check), and the
 # netavark network backend with aardvark-dns, so that containers resolve each other by name (the CNI
 # plugins Debian installs by default have no DNS plugin); netavark programs iptables.
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver
 DEPLOY_PACKAGES := podman runc debootstrap docker-compose netavark aardvark-dns iptables
 PYTEST_ARGS ?=
 
