@@ -58,10 +58,6 @@ class AttackPool:
         self._mean_s = 2.0  # running mean of a job's time in a worker, for Retry-After
         self.ctx = multiprocessing.get_context("spawn")
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     async def run(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
         """Queue one job and await the worker's result (``ServiceError`` subclasses on refusal,
         timeout or failure)."""

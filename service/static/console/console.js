@@ -552,8 +552,9 @@ async function refreshAudits() {
   if (!hasToken()) {
     panel.hidden = true;
     auditNeed(
-      "Audits need the admin token: the value of ERC_ADMIN_TOKEN the server was started with. Enter it " +
-        "here; it stays in this browser tab (sessionStorage) and is sent only in the Authorization header.",
+      "Audits need the admin token: the value of ERC_ADMIN_TOKEN the server was started with (make run " +
+        "prints one when it starts). Enter it here; it stays in this browser tab (sessionStorage) and is " +
+        "sent only in the Authorization header.",
     );
     return;
   }
