@@ -47,12 +47,15 @@ class TypicalityScore(BaseModel):
     atypical: bool = Field(description="mahalanobis above the threshold calibrated on held-out clean images")
 
 
-class Prediction(BaseModel):
+class Classified(BaseModel):
     label: int
     label_name: str
     probabilities: list[float] | None = None
     embedding: list[float] | None = None
     typicality: TypicalityScore | None = Field(None, description="present when the model has a fitted score")
+
+
+class Prediction(Classified):
     input: InputInfo
 
 
@@ -96,12 +99,7 @@ class AttackRequest(BaseModel):
     parameters: AttackParameters | None = None
 
 
-class AttackedImage(BaseModel):
-    label: int
-    label_name: str
-    probabilities: list[float] | None = None
-    embedding: list[float] | None = None
-    typicality: TypicalityScore | None = None
+class AttackedImage(Classified):
     png: str = Field(description="base64 PNG of the image as the model saw it (8-bit, the model's size)")
 
 

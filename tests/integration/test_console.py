@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -113,6 +114,15 @@ def draw_seven(driver: webdriver.Chrome) -> None:
     for _ in range(8):
         chain.move_by_offset(-12, 25)
     chain.release().perform()
+
+
+def click(driver: webdriver.Chrome, selector: str) -> bool:
+    """Click what ``selector`` finds; False (try again) when the list re-rendered in between."""
+    try:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+    except StaleElementReferenceException:
+        return False
+    return True
 
 
 def png_of(driver: webdriver.Chrome, element_id: str) -> bytes:
@@ -256,7 +266,8 @@ def test_with_the_token_start_an_audit_watch_it_run_and_open_its_report(console_
     wait(browser, lambda d: d.find_element(By.ID, "audit-panel").is_displayed())
     assert js(browser, "return sessionStorage.getItem('erc-admin-token')") == TOKEN
     Select(browser.find_element(By.ID, "preset")).select_by_value("quick")
-    for field, value in (("audit-n", "300"), ("audit-eps", "0, 0.1, 0.3")):
+    # about ten seconds of work here, so that the page polls it several times while it runs
+    for field, value in (("audit-n", "500"), ("audit-eps", "0, 0.05, 0.1, 0.2, 0.3")):
         el = browser.find_element(By.ID, field)
         el.clear()
         el.send_keys(value)
@@ -280,7 +291,7 @@ def test_with_the_token_start_an_audit_watch_it_run_and_open_its_report(console_
     assert any(s == "running" and eta for s, _, eta in seen), "a running audit shows the time left"
     shot(browser, "audits-done")
     main = browser.current_window_handle
-    browser.find_element(By.CSS_SELECTOR, "#audit-table tbody tr button[data-action=report]").click()
+    wait(browser, lambda d: click(d, "#audit-table tbody tr button[data-action=report]"))
     wait(browser, lambda d: len(d.window_handles) == 2)
     browser.switch_to.window(next(h for h in browser.window_handles if h != main))
     try:
@@ -300,6 +311,24 @@ def test_with_the_token_start_an_audit_watch_it_run_and_open_its_report(console_
         browser, "return performance.getEntriesByType('resource').map(e => e.name).concat([location.href])"
     )
     assert not any(TOKEN in u for u in urls)
+
+    # AutoAttack's standard suite is offered and accepted; cancelling it from the list works
+    Select(browser.find_element(By.ID, "preset")).select_by_value("autoattack")
+    for field, value in (("audit-n", "100"), ("audit-eps", "0, 0.3")):
+        el = browser.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    browser.find_element(By.ID, "start-audit").click()
+    wait(
+        browser,
+        lambda d: (
+            js(d, read)[0] in ("queued", "running") or "not started" in d.find_element(By.ID, "status").text
+        ),
+    )
+    assert "not started" not in browser.find_element(By.ID, "status").text
+    wait(browser, lambda d: click(d, "#audit-table tbody tr button[data-action=cancel]"))
+    wait(browser, lambda d: js(d, read)[0] == "cancelled", timeout=60)
+    shot(browser, "audits-cancelled")
     assert page_errors(browser) == []
 
 

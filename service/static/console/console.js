@@ -160,16 +160,21 @@ for (const type of ["pointerup", "pointercancel"]) {
 
 // The drawing as the model's input: H x W greyscale PNG, optionally centred like MNIST (the digit's
 // bounding box scaled into a 20/28 box, then shifted so its centre of mass is the image centre).
-function toModelInput() {
-  const [, h, w] = state.model.input_shape;
-  const out = document.createElement("canvas");
-  out.width = w;
-  out.height = h;
-  const ctx = out.getContext("2d", { willReadFrequently: true });
+function blackCanvas(w, h) {
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, w, h);
   ctx.imageSmoothingEnabled = true;
   ctx.imageSmoothingQuality = "high";
+  return [canvas, ctx];
+}
+
+function toModelInput() {
+  const [, h, w] = state.model.input_shape;
+  const [out, ctx] = blackCanvas(w, h);
   const box = inkBox();
   if (!box) return null;
   if (!$("center").checked) {
@@ -179,14 +184,7 @@ function toModelInput() {
   const scale = (0.714 * Math.min(w, h)) / Math.max(box.w, box.h);
   const dw = box.w * scale;
   const dh = box.h * scale;
-  const tmp = document.createElement("canvas");
-  tmp.width = w;
-  tmp.height = h;
-  const t = tmp.getContext("2d", { willReadFrequently: true });
-  t.fillStyle = "#000";
-  t.fillRect(0, 0, w, h);
-  t.imageSmoothingEnabled = true;
-  t.imageSmoothingQuality = "high";
+  const [tmp, t] = blackCanvas(w, h);
   t.drawImage(pad, box.x, box.y, box.w, box.h, (w - dw) / 2, (h - dh) / 2, dw, dh);
   const px = t.getImageData(0, 0, w, h).data;
   let mass = 0;
