@@ -12,15 +12,16 @@ ERC := $(BIN)/erc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian packages the tests use: Fashion-MNIST (the second dataset on this machine), Prometheus
-# (the native stack test), Chromium (renders the audit report); and those the container tests use:
+# (the native stack test), Chromium (renders the audit report) with chromium-driver (Selenium drives
+# it in the console's browser tests; no browser is downloaded); and those the container tests use:
 # rootful podman with runc, debootstrap (offline base image), docker-compose (schema check), and the
 # netavark network backend with aardvark-dns, so that containers resolve each other by name (the CNI
 # plugins Debian installs by default have no DNS plugin); netavark programs iptables.
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium chromium-driver
 DEPLOY_PACKAGES := podman runc debootstrap docker-compose netavark aardvark-dns iptables
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev system-deps deploy-deps lint typecheck unit deploy-test clean bench-serve wheelhouse
+.PHONY: run test install install-dev system-deps deploy-deps lint typecheck unit deploy-test clean bench-serve bench-attack wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,18 +56,29 @@ deploy-deps:
 
 # The main job: serve model_store/ (ERC_* variables configure it, see docs/api.md). With no model
 # in the store yet, first train a small ER-Classifier on the CPU (about a minute) and export it.
+# Without ERC_ADMIN_TOKEN, this run gets a random one, printed once, so that the console's audit
+# panel works out of the box without a guessable default.
 run: install
 	@if ! ls model_store/*/card.json >/dev/null 2>&1; then \
 	  echo "model_store/ holds no model: training the quickstart model first"; \
 	  $(ERC) train --config training/configs/quickstart.yaml && \
 	  $(ERC) export runs/quickstart --name quickstart --eval-n 2000 --robust-steps 20; \
 	fi
-	$(ERC) serve
+	@if [ -z "$$ERC_ADMIN_TOKEN" ]; then \
+	  export ERC_ADMIN_TOKEN="$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(18))')"; \
+	  echo "admin token of this run (the console's Audits panel asks for it): $$ERC_ADMIN_TOKEN"; \
+	fi; \
+	echo "console: http://$${ERC_HOST:-127.0.0.1}:$${ERC_PORT:-8080}/"; \
+	exec $(ERC) serve
 
 # Benchmarks (bounded, loopback only; wrk from Debian). Results: docs/benchmarks.md.
 bench-serve: install-dev
 	@command -v wrk >/dev/null || $(APT_INSTALL) wrk
 	$(BIN)/python bench/serve.py
+
+bench-attack: install-dev
+	@command -v wrk >/dev/null || $(APT_INSTALL) wrk
+	$(BIN)/python bench/attack.py
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -89,4 +101,4 @@ wheelhouse: install-dev
 	$(BIN)/python -m pip wheel -q -w docker/wheels -c constraints.txt '.[torchserve]' setuptools
 
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs screenshots .pytest_cache .mypy_cache .ruff_cache

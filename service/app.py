@@ -18,11 +18,13 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, metrics
+from service.attack_check.pool import AttackPool
 from service.audit.jobs import AuditManager
+from service.embedding_map import EmbeddingMaps
 from service.errors import ServiceError
 from service.http import error_response, install_handlers
 from service.registry import ModelRegistry
-from service.routes import admin, health, v1, v2
+from service.routes import admin, attack, console, health, v1, v2
 from service.schemas import component_schemas
 from service.settings import Settings, get_settings
 
@@ -117,11 +119,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.audits = AuditManager(settings)
         app.state.audits.start()
+        app.state.attacks = AttackPool(settings)  # worker processes start with the first :attack
+        batch = min(settings.max_batch_size, settings.max_queue)
+        app.state.embedding_maps = EmbeddingMaps(settings.embedding_map_n, batch)
         ok, _ = registry.readiness()
         log.info("startup done in %.2f s; ready=%s", time.perf_counter() - t0, ok)
         try:
             yield
         finally:
+            app.state.attacks.stop()
             app.state.audits.stop()
             registry.stop()
             log.info("models and audits stopped")
@@ -142,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(attack.router)
+    app.include_router(console.router)
     app.add_middleware(MetricsMiddleware)
 
     def openapi() -> dict[str, Any]:

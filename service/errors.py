@@ -5,11 +5,13 @@
     ServiceError                       {"error": {"code": ..., "message": ...}}
     +-- BadRequest            400      malformed JSON, base64, form data
     +-- Unauthorized          401      admin token missing or wrong
+    +-- Forbidden             403      an operation turned off on this server (the :attack check)
     +-- NotFound              404      unknown route, model or audit  (ModelNotFound)
     +-- Conflict              409      audit queue full; cancelling a finished audit
     +-- PayloadTooLarge       413      body, batch, pixel limits  (LimitExceeded)
     +-- UnsupportedMediaType  415      a Content-Type we do not read
     +-- InvalidInput          422      not an image, corrupt image, bad tensor values or shape
+    +-- TooManyRequests       429      the :attack queue is full (with Retry-After)
     +-- ServiceUnavailable    503      model not ready, queue full (with Retry-After)
 
 Every response of an error carries ``{"error": {"code", "message"}}``; the message names what
@@ -46,6 +48,10 @@ class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 
@@ -76,6 +82,16 @@ class InvalidInput(ServiceError):
 
 class InvalidImage(InvalidInput):
     code = "invalid_image"
+
+
+class TooManyRequests(ServiceError):
+    """A bounded side queue (the :attack check's) is full: this client should slow down, while the
+    prediction queue, which has its own limit, keeps serving."""
+
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int = 1, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class ServiceUnavailable(ServiceError):

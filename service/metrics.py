@@ -79,6 +79,31 @@ ATYPICAL = Counter(
     ["model", "endpoint"],
 )
 
+# The per-request attack check (POST /v1/models/{name}:attack), in its own worker processes.
+ATTACK_REQUESTS = Counter(
+    "erc_attack_requests_total",
+    "Attack-check requests by outcome (done, queue_full, timeout, failed)",
+    ["model", "outcome"],
+)
+ATTACK_IMAGES = Counter("erc_attack_images_total", "Images attacked by the attack check", ["model"])
+ATTACK_FLIPS = Counter(
+    "erc_attack_flips_total",
+    "Attacked images whose prediction the attack changed (decided on the returned 8-bit image)",
+    ["model"],
+)
+ATTACK_DURATION = Histogram(
+    "erc_attack_duration_seconds",
+    "Time an attack-check request spent in its worker process (queue wait excluded)",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120),
+)
+ATTACK_QUEUE_WAIT = Histogram(
+    "erc_attack_queue_wait_seconds",
+    "Time an attack-check request waited for a worker process",
+    buckets=LATENCY_BUCKETS,
+)
+ATTACK_IN_FLIGHT = Gauge("erc_attack_in_flight", "Attack-check requests queued or running")
+
 
 def observe_typicality(model: str, endpoint: str, out: Any) -> None:
     """Record the typicality scores of one answered batch of rows (``service.inference.Outputs``)."""

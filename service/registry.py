@@ -65,6 +65,7 @@ class ServedModel:
                 labels=c.label_names,
                 weights_sha256=c.weights_sha256,
                 weights_dtype=c.weights_dtype,
+                train_eps=c.train_eps,
                 headline=headline(c.metrics, c.train_eps),
                 metrics=[
                     {k: m.get(k) for k in ("metric", "value", "ci95", "eps", "n", "attack", "measured_on")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -47,12 +47,15 @@ class TypicalityScore(BaseModel):
     atypical: bool = Field(description="mahalanobis above the threshold calibrated on held-out clean images")
 
 
-class Prediction(BaseModel):
+class Classified(BaseModel):
     label: int
     label_name: str
     probabilities: list[float] | None = None
     embedding: list[float] | None = None
     typicality: TypicalityScore | None = Field(None, description="present when the model has a fitted score")
+
+
+class Prediction(Classified):
     input: InputInfo
 
 
@@ -75,6 +78,77 @@ class EmbedResponse(BaseModel):
     preprocessing: dict[str, str]
 
 
+# -- the per-request attack check (POST /v1/models/{name}:attack) -------------------------------------
+class AttackParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    eps: float | None = Field(
+        None, ge=0, le=1, description="l_inf radius on [0, 1] images; default: the model's training eps"
+    )
+    steps: int = Field(40, ge=1, description="PGD steps (at most ERC_ATTACK_MAX_STEPS, 100 by default)")
+    restarts: int = Field(1, ge=1, description="PGD restarts (at most ERC_ATTACK_MAX_RESTARTS, 5 by default)")
+    seed: int = Field(0, ge=0, le=2**62 - 1, description="seed of the random starts: same seed, same answer")
+    smallest_eps: bool = Field(False, description="also search the smallest flipping eps on the 1/255 grid")
+    smallest_eps_max: float = Field(0.5, ge=1 / 255, le=1, description="upper end of that search")
+    return_embedding: bool = Field(False, description="add the clean and adversarial embeddings")
+    return_probabilities: bool = Field(True, description="add the softmax probabilities")
+
+
+class AttackRequest(BaseModel):
+    instances: list[Instance] = Field(..., min_length=1)
+    parameters: AttackParameters | None = None
+
+
+class AttackedImage(Classified):
+    png: str = Field(description="base64 PNG of the image as the model saw it (8-bit, the model's size)")
+
+
+class Perturbation(BaseModel):
+    linf: float = Field(description="max |adversarial - clean| over pixels, in [0, 1] units (<= eps)")
+    linf_units: int = Field(description="the same in 8-bit steps (1/255)")
+    l2: float = Field(description="l_2 norm of the perturbation, in [0, 1] units")
+    changed_values: int = Field(description="pixel values (per channel) the attack changed")
+
+
+class AttackResult(BaseModel):
+    flipped: bool = Field(description="the served model labels the adversarial PNG otherwise than the clean")
+    clean: AttackedImage
+    adversarial: AttackedImage
+    perturbation: Perturbation
+    smallest_flipping_eps: float | None = Field(
+        None, description="with smallest_eps: the smallest k/255 found to flip it (null: none up to the max)"
+    )
+    input: InputInfo
+
+
+class AttackResponse(BaseModel):
+    model: str
+    model_version: str
+    attack: dict[str, Any] = Field(description="how the images were made: PGD parameters, eps_effective")
+    results: list[AttackResult]
+    seconds: dict[str, float] = Field(description="queue: waiting for a worker; attack: in the worker")
+    attack_runs: int = Field(description="attack runs made (the check, and the search's probes)")
+    quantization: str
+    preprocessing: dict[str, str]
+
+
+# -- the console -----------------------------------------------------------------------------------
+class EmbeddingMap(BaseModel):
+    model: str
+    model_version: str
+    dataset: str
+    split: str
+    n: int
+    seed: int
+    embed_dim: int
+    method: str = Field(description="the audit report's projection: PCA fitted on these clean embeddings")
+    mean: list[float] = Field(description="[k]: subtracted before projecting")
+    basis: list[list[float]] = Field(description="[k][2]: a point's map position is (z - mean) @ basis")
+    points: list[list[float]] = Field(description="[n][2] projected test embeddings")
+    labels: list[int] = Field(description="[n] their true labels")
+    label_names: list[str]
+
+
 class ModelSummary(BaseModel):
     name: str
     ready: bool
@@ -90,6 +164,7 @@ class ModelSummary(BaseModel):
     labels: list[str] | None = None
     weights_sha256: str | None = None
     weights_dtype: str | None = None
+    train_eps: float | None = Field(None, description="l_inf eps it was trained at (default eps of :attack)")
     headline: dict[str, Any] | None = Field(
         None,
         description="the worst robust accuracy measured at the training eps over every attack in the card, "
@@ -213,9 +288,36 @@ IMAGE_BODY = {
 }
 
 
+def _with_json_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """An image request body whose JSON form is the schema ``model`` (the other forms unchanged)."""
+    json_form = {"schema": {"$ref": f"#/components/schemas/{model}"}}
+    content = {**body["requestBody"]["content"], "application/json": json_form}
+    return {"requestBody": {**body["requestBody"], "content": content}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+# :attack takes :predict's three body forms; with a raw image body its parameters come in the query.
+ATTACK_BODY = {
+    **_with_json_request(IMAGE_BODY, "AttackRequest"),
+    "parameters": [
+        _query("eps", {"type": "number", "minimum": 0, "maximum": 1}, "l_inf radius (default: training eps)"),
+        _query("steps", {"type": "integer", "minimum": 1}, "PGD steps"),
+        _query("restarts", {"type": "integer", "minimum": 1}, "PGD restarts"),
+        _query("seed", {"type": "integer", "minimum": 0, "maximum": 2**62 - 1}, "seed of the random starts"),
+        _query("smallest_eps", {"type": "boolean"}, "search the smallest flipping eps"),
+        _query("smallest_eps_max", {"type": "number", "minimum": 1 / 255, "maximum": 1}, "its upper end"),
+        _query("return_embedding", {"type": "boolean"}, "add embeddings"),
+        _query("return_probabilities", {"type": "boolean"}, "add probabilities"),
+    ],
+}
+
+
 # Request models the routes parse by hand, and the error body json_error_responses refers to: added
 # to the OpenAPI components by the app factory.
-REQUEST_MODELS: list[type[BaseModel]] = [PredictRequest, InferRequest, ErrorResponse]
+REQUEST_MODELS: list[type[BaseModel]] = [PredictRequest, InferRequest, AttackRequest, ErrorResponse]
 
 
 def component_schemas() -> dict[str, Any]:

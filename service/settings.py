@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,43 @@ class Settings(BaseSettings):
     audit_max_n: int = Field(10000, ge=1, description="largest number of audited samples")
     audit_max_queued: int = Field(4, ge=0, description="audits waiting behind the running one (409 beyond)")
     audit_keep: int = Field(50, ge=1, description="finished audits kept in memory for GET /admin/audits")
+
+    # -- per-request attack check (POST /v1/models/{name}:attack) and the console -----------------
+    attack_access: Literal["public", "admin", "off"] = Field(
+        "public",
+        description="who may call :attack: everyone, only holders of the admin token, or nobody (403)",
+    )
+    attack_max_instances: int = Field(8, ge=1, le=64, description="images per :attack request (413 beyond)")
+    attack_max_steps: int = Field(100, ge=1, le=1000, description="largest PGD steps of :attack (413 beyond)")
+    attack_max_restarts: int = Field(
+        5, ge=1, le=20, description="largest PGD restarts of :attack (413 beyond)"
+    )
+    attack_max_work: float = Field(
+        5000,
+        gt=0,
+        description="largest :attack request: images x steps x restarts x attack runs (the smallest-eps "
+        "search adds runs); 413 beyond",
+    )
+    attack_concurrency: int = Field(
+        1, ge=1, le=16, description="attack worker processes (attacks running at once, server-wide)"
+    )
+    attack_max_queue: int = Field(
+        4, ge=0, le=1024, description=":attack requests waiting for a worker (429 + Retry-After beyond)"
+    )
+    attack_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="longest an :attack request waits and runs (then 503)"
+    )
+    attack_threads: int = Field(1, ge=1, le=256, description="torch threads of each attack worker process")
+    attack_niceness: int = Field(10, ge=0, le=19, description="nice value of the attack worker processes")
+    attack_sched_idle: bool = Field(
+        True,
+        description="run attack workers under SCHED_IDLE (Linux): they get a CPU only when predictions "
+        "leave one idle",
+    )
+    embedding_map_n: int = Field(
+        2000, ge=10, le=10000, description="test images on the console's 2-D embedding map (per model)"
+    )
+    console: bool = Field(True, description="serve the web console at / and /console")
 
     log_level: str = Field("info", description="debug, info, warning, error")
     shutdown_grace_s: float = Field(

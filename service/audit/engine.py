@@ -388,6 +388,22 @@ def embedding_view(
             [model.forward_features(x_adv[s].to(device)).float().cpu() for s in _batches(len(x), batch)]
         )
         pa = torch.cat([model(x_adv[s].to(device)).argmax(1).cpu() for s in _batches(len(x), batch)])
+    mean, basis, method = projection_2d(z)
+    return {
+        "clean": ((z - mean) @ basis).tolist(),
+        "adversarial": ((za - mean) @ basis).tolist(),
+        "labels": y.tolist(),
+        "adversarial_pred": pa.tolist(),
+        "method": method,
+        "embed_dim": int(z.shape[1]),
+    }
+
+
+def projection_2d(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The 2-D view of embeddings ``z`` ``[N, k]``: ``(mean [1, k], basis [k, 2], method)``, a point
+    ``p`` lands at ``(p - mean) @ basis``. PCA fitted on ``z`` (the first two principal axes); an
+    embedding of at most two dimensions is shown as it is. Shared by the audit report and the
+    console's embedding map, so both draw the same picture."""
     mean = z.mean(0, keepdim=True)
     if z.shape[1] <= 2:
         basis = torch.eye(z.shape[1])[:, :2]
@@ -396,14 +412,7 @@ def embedding_view(
         basis = v[:2].T
     if basis.shape[1] < 2:  # a 1-d embedding, or one clean point (one component): pad to two axes
         basis = torch.cat([basis, torch.zeros(basis.shape[0], 2 - basis.shape[1])], dim=1)
-    return {
-        "clean": ((z - mean) @ basis).tolist(),
-        "adversarial": ((za - mean) @ basis).tolist(),
-        "labels": y.tolist(),
-        "adversarial_pred": pa.tolist(),
-        "method": "identity" if z.shape[1] <= 2 else "PCA fitted on the clean embeddings",
-        "embed_dim": int(z.shape[1]),
-    }
+    return mean, basis, "identity" if z.shape[1] <= 2 else "PCA fitted on the clean embeddings"
 
 
 def zero_gradient_share(

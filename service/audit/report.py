@@ -1,16 +1,36 @@
 """A self-contained HTML report of an audit: summary, accuracy against eps (PNG inline), sanity
 checks, per-attack figures with distortions, a 2-D view of clean vs adversarial embeddings, and
-how the audit was made. No scripts, no external resources: it opens offline and prints."""
+how the audit was made. No scripts, no external resources: it opens offline and prints. Its only
+styles are the one ``<style>`` block :data:`STYLE` (no style attributes), so a page with a strict
+Content-Security-Policy may show it by allowing that block's hash (:func:`style_hash`): the
+console opens reports that way."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 from typing import Any
 
 STATUS_COLOR = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #1f2328; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; font-size: 0.9em;
+         vertical-align: top; }
+th { background: #f6f8fa; }
+code, pre { font-size: 0.85em; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; }
+img { max-width: 100%; }
+.lead { font-size: 1.25em; }
+""" + "".join(f".status-{k} {{ color: {v}; font-weight: bold; }}\n" for k, v in STATUS_COLOR.items())
+
+
+def style_hash() -> str:
+    """The CSP source that allows :data:`STYLE` as an inline ``<style>`` block."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode() + "'"
 
 
 def _png(fig: Any) -> str:
@@ -167,7 +187,7 @@ def render(result: dict[str, Any]) -> str:
                 )
     check_rows = "".join(
         f"<tr><td>{e(c['name'])}</td>"
-        f"<td style='color:{STATUS_COLOR.get(c['status'], '#000')};font-weight:bold'>"
+        f"<td class='status-{e(c['status'])}'>"
         f"{e(c['status'].upper())}</td><td><code>{e(json.dumps(c['value']))}</code></td>"
         f"<td><code>{e(json.dumps(c['threshold']))}</code></td><td>{e(c['message'])}</td></tr>"
         for c in result.get("checks", [])
@@ -184,17 +204,7 @@ def render(result: dict[str, Any]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Robustness audit: {e(str(model.get("name", "")))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #1f2328; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; font-size: 0.9em;
-          vertical-align: top; }}
-th {{ background: #f6f8fa; }}
-code, pre {{ font-size: 0.85em; }}
-pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; }}
-img {{ max-width: 100%; }}
-.lead {{ font-size: 1.25em; }}
-</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>Robustness audit: {e(str(model.get("name", "")))}</h1>
 {lead_html}
 <p>Weights sha256 <code>{e(str(model.get("weights_sha256", "")))}</code> ({e(str(model.get("arch", "")))},

@@ -20,6 +20,7 @@ FLAGS = {
     "batch_wait_ms": "batch_wait_ms",
     "torch_threads": "torch_threads",
     "workers": "workers",
+    "attack_access": "attack_access",
 }
 
 

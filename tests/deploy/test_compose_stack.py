@@ -146,6 +146,22 @@ def test_api_classifies_real_mnist_images_like_the_model_in_process(stack, mnist
     assert sum(int(a == b) for a, b in zip(labels, mnist_sample.labels[:8], strict=True)) >= 6
 
 
+def test_the_image_serves_the_console_and_attack_check(stack, mnist_sample) -> None:
+    """The console's files travel in the package (package data) and the attack worker process starts
+    inside the container."""
+    with urllib.request.urlopen(f"{stack['url']}/", timeout=30) as page:
+        assert page.status == 200 and "ER-Classifier console" in page.read().decode()
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert http_status(f"{stack['url']}/console/console.js") == 200
+    req = urllib.request.Request(
+        f"{stack['url']}/v1/models/mnist-er:attack?steps=3",
+        data=mnist_sample.pngs[0],
+        headers={"Content-Type": "image/png"},
+    )
+    body = json.load(urllib.request.urlopen(req, timeout=120))
+    assert body["results"][0]["perturbation"]["linf_units"] <= body["attack"]["eps_units"]
+
+
 def test_torchserve_answers_the_same_label(podman, stack, mnist_sample) -> None:
     deadline = time.time() + 240
     while not podman.ok(["podman", "healthcheck", "run", _name("torchserve")]):

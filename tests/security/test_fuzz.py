@@ -65,6 +65,10 @@ def fuzz_server(
         ERC_AUDIT_MAX_WORK="20000",
         ERC_AUDIT_MAX_QUEUED="1",
         ERC_AUDIT_THREADS="1",
+        # Fuzzed attack checks stay small too; the console's map uses a few test images.
+        ERC_ATTACK_MAX_WORK="200",
+        ERC_ATTACK_MAX_QUEUE="8",
+        ERC_EMBEDDING_MAP_N="100",
     )
     try:
         with srv.client() as c:
@@ -126,6 +130,7 @@ CONFIG = SchemathesisConfig.from_dict(
                 "include-path": [
                     "/v1/models/{name}:predict",
                     "/v1/models/{name}:embed",
+                    "/v1/models/{name}:attack",
                     "/v2/models/{name}/infer",
                     "/v2/models/{name}/versions/{version}/infer",
                 ],
@@ -182,6 +187,7 @@ def test_valid_requests_conform(fuzz_server: ServerProcess) -> None:
     infer = {"id": "req-1", "inputs": [fp32], "outputs": [{"name": "label"}, {"name": "logits"}]}
     infer_bytes = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [3], "data": b64}]}
     audit = {"model": MODEL, "data": {"n": 10}, "eps": [0, 0.1], "attacks": [{"name": "fgsm"}]}
+    attack = {"instances": [{"b64": b} for b in b64[:2]], "parameters": {"steps": 3, "smallest_eps": True}}
     name = {"name": MODEL}
     cases = [
         ("/v1/models", "GET", {}, {}),
@@ -193,6 +199,16 @@ def test_valid_requests_conform(fuzz_server: ServerProcess) -> None:
         ("/v2/models/{name}/ready", "GET", name, {}),
         ("/v2/models/{name}/infer", "POST", name, {"body": infer, "media_type": "application/json"}),
         ("/v2/models/{name}/infer", "POST", name, {"body": infer_bytes, "media_type": "application/json"}),
+        ("/v1/models/{name}:attack", "POST", name, {"body": attack, "media_type": "application/json"}),
+        (
+            "/v1/models/{name}:attack",
+            "POST",
+            name,
+            {"body": _png(8), "media_type": "image/png", "query": {"eps": 0.1}},
+        ),
+        ("/v1/models/{name}/embedding-map", "GET", name, {}),
+        ("/", "GET", {}, {}),
+        ("/console", "GET", {}, {}),
         ("/admin/audits", "POST", {}, {"body": audit, "media_type": "application/json"}),
         ("/admin/audits", "GET", {}, {}),
     ]
@@ -201,7 +217,7 @@ def test_valid_requests_conform(fuzz_server: ServerProcess) -> None:
         case = schema[path][method].Case(path_parameters=params, headers=AUTH, **kw)
         statuses.append(case.call_and_validate(base_url=fuzz_server.url).status_code)
     # 409 when the fuzzed audits still fill the queue (ERC_AUDIT_MAX_QUEUED=1)
-    assert statuses[:9] == [200] * 9 and statuses[9] in (202, 409) and statuses[10] == 200, statuses
+    assert statuses[:14] == [200] * 14 and statuses[14] in (202, 409) and statuses[15] == 200, statuses
     with fuzz_server.client() as c:
         audit_id = c.get("/admin/audits", headers=AUTH).json()["audits"][0]["id"]
     for path in ("/admin/audits/{audit_id}", "/admin/audits/{audit_id}/report"):
