@@ -287,7 +287,8 @@ def test_with_the_token_start_an_audit_watch_it_run_and_open_its_report(console_
         time.sleep(0.1)
     assert seen[-1][0] == "done", seen
     moving = sorted({float(f) for s, f, _ in seen if s == "running" and f not in ("", "0")})
-    assert len(moving) >= 2 and 0 < moving[0] < moving[-1] < 1, f"progress should move while running: {seen}"
+    # (A running audit may show 1.0 for the moment between its last attack and its report being written.)
+    assert len(moving) >= 2 and 0 < moving[0] < moving[-1] <= 1, f"progress should move while running: {seen}"
     assert any(s == "running" and eta for s, _, eta in seen), "a running audit shows the time left"
     shot(browser, "audits-done")
     main = browser.current_window_handle
