@@ -151,7 +151,7 @@ def start_audit_server(
         "ERC_ADMIN_TOKEN": token,
         "ERC_MODELS": model,
         "ERC_DEFAULT_MODEL": model,
-        "ERC_AUDIT_DIR": str(workdir / "audits"),
+        "ERC_AUDIT_DB": f"sqlite:///{workdir}/audits.db",
         "ERC_AUDIT_MAX_WORK": "1e9",
         "ERC_TORCH_THREADS": str(threads),
         **dict(kv.split("=", 1) for kv in extra_env),
