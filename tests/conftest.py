@@ -129,3 +129,16 @@ def start_server_fn():
 @pytest.fixture(scope="session")
 def free_port_fn():
     return free_port
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster (Debian's postgresql, on a fresh machine) on a free loopback
+    port for the whole session; tests create their own databases in it (``create_database``)."""
+    from service.postgres import start_postgres
+
+    pg = start_postgres(durable=False)
+    try:
+        yield pg
+    finally:
+        pg.destroy()

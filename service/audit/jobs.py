@@ -221,12 +221,18 @@ class AuditWorker:
                     elif beat.cancel and ending is None:
                         ending = "cancelled"
                         self._kill_child()
+            if outcome is None:
+                proc.join(10)  # its exit code says how it ended
+            # Record before waiting for a finished child to exit: an interpreter with torch loaded
+            # can take seconds to tear down, and no heartbeat renews the lease meanwhile.
+            self._record(c, outcome, ending, proc.exitcode)
             proc.join(10)
+            if proc.is_alive():
+                proc.kill()
         finally:
             self._child = None
             metrics.AUDIT_WORKER_BUSY.set(0)
             parent.close()
-        self._record(c, outcome, ending, proc.exitcode)
 
     def _record(self, c: Claimed, outcome: tuple[Any, ...] | None, ending: str | None, exitcode: Any) -> None:
         """Write how the attempt ended (fenced by the lease; a store outage is retried for a lease's

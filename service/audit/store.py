@@ -191,7 +191,7 @@ class JobStore:
 
     def __init__(self, url: str, *, lease_s: float = 30.0, connect_timeout_s: float = 5.0) -> None:
         self.url = normalize_url(url)
-        self.name = describe(self.url)
+        self.name = describe(url)
         self.lease_s = lease_s
         self.dialect = self.url.get_backend_name()
         self.engine = self._create_engine(connect_timeout_s)

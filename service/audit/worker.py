@@ -45,9 +45,26 @@ def load_data(job: dict[str, Any], dataset: str) -> tuple[torch.Tensor, torch.Te
     )
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the worker that started it dies (kill -9, OOM killer), so
+    an orphaned attack does not go on burning the device while another worker re-runs the audit."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the lease still hands the audit to another worker
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(job: dict[str, Any], conn: Any) -> None:
     """Entry point of the spawned process."""
     try:
+        _die_with_parent()
         # Both apply to this thread and to the threads it starts later (torch's pools among them).
         os.nice(int(job.get("niceness", 10)))
         if job.get("sched_idle") and hasattr(os, "SCHED_IDLE"):
