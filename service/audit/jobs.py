@@ -336,6 +336,7 @@ class AuditManager:
         """Until the store opens: retry. Then, every heartbeat: refresh the store's Prometheus
         snapshot; every minute: keep at most ERC_AUDIT_KEEP finished audits."""
         while not self._ready.is_set():
+            metrics.AUDIT_STORE.down()
             if self._stopping.wait(min(5.0, self.settings.audit_heartbeat_s)):
                 return
             self._try_open()
