@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.audit.store import JobStore
 
 
 class Settings(BaseSettings):
@@ -61,6 +64,9 @@ class Settings(BaseSettings):
         "sqlite:///var/audits.db",
         description="the audit job store shared by API replicas and audit workers: sqlite:///PATH (one "
         "host; the default lies in var/, which git ignores) or postgresql://USER:PASSWORD@HOST:PORT/DB",
+    )
+    audit_db_password: SecretStr | None = Field(
+        None, description="password for the audit store's URL when the URL has none (keeps it out of URLs)"
     )
     audit_local_worker: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -132,6 +138,18 @@ class Settings(BaseSettings):
 
         normalize_url(value)  # raises ValueError naming what is wrong
         return value
+
+    def audit_store(self) -> JobStore:
+        """The audit job store these settings name (not opened yet)."""
+        from service.audit.store import JobStore
+
+        password = self.audit_db_password.get_secret_value() if self.audit_db_password else None
+        return JobStore(
+            self.audit_db,
+            password=password,
+            lease_s=self.audit_lease_s,
+            connect_timeout_s=min(5.0, self.audit_lease_s),
+        )
 
     @property
     def runs_local_worker(self) -> bool:

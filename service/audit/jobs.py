@@ -291,11 +291,7 @@ class AuditManager:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = JobStore(
-            settings.audit_db,
-            lease_s=settings.audit_lease_s,
-            connect_timeout_s=min(5.0, settings.audit_lease_s),
-        )
+        self.store = settings.audit_store()
         self.worker = AuditWorker(self.store, settings) if settings.runs_local_worker else None
         self.error: str | None = "connecting"
         self._ready = threading.Event()

@@ -189,9 +189,13 @@ class JobStore:
     """The audits table behind one database URL. Thread-safe (SQLAlchemy's connection pool); every
     method raises :class:`StoreError` when the database cannot be used."""
 
-    def __init__(self, url: str, *, lease_s: float = 30.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, password: str | None = None, lease_s: float = 30.0, connect_timeout_s: float = 5.0
+    ) -> None:
         self.url = normalize_url(url)
-        self.name = describe(url)
+        if password and self.url.password is None:
+            self.url = self.url.set(password=password)
+        self.name = describe(self.url.set(drivername=make_url(url).drivername))
         self.lease_s = lease_s
         self.dialect = self.url.get_backend_name()
         self.engine = self._create_engine(connect_timeout_s)

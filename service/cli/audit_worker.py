@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from service.audit.jobs import AuditWorker
-    from service.audit.store import JobStore, StoreError
+    from service.audit.store import StoreError
     from service.cli._common import settings_from_flags
     from training.errors import ErcError
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from training.devices import resolve_device
 
     resolve_device(settings.audit_device)  # a missing GPU fails here, in one line, not in every audit
-    store = JobStore(settings.audit_db, lease_s=settings.audit_lease_s)
+    store = settings.audit_store()
     deadline = time.monotonic() + args.wait
     while True:
         try:
