@@ -56,7 +56,7 @@ def summary(rec: dict[str, Any]) -> dict[str, Any]:
         out["worker"] = rec["worker"]
         out["progress"] = rec["progress"] or {
             "fraction": 0.0,
-            "elapsed_s": round(max(0.0, time.time() - (rec["heartbeat"] or time.time())), 1),
+            "elapsed_s": None,
             "remaining_s": None,
             "stage": "starting the audit process",
         }
@@ -129,7 +129,9 @@ class AuditWorker:
                     self.store.register_worker(self.id, self.settings.audit_device)
                     registered = True
                     log.info("audit worker %s: waiting for audits in %s", self.id, self.store.name)
-                self.store.worker_beat(self.id, None)
+                if not self.store.worker_beat(self.id, None):
+                    registered = False  # dropped while the store was out of reach: register again
+                    continue
                 metrics.AUDIT_WORKER_HEARTBEAT.set(time.time())
                 for audit_id, status in self.store.reap():
                     log.warning("audit %s: its worker was lost; now %s", audit_id, status)

@@ -418,11 +418,13 @@ class JobStore:
                 )
             )
 
-    def worker_beat(self, worker_id: str, audit_id: str | None) -> None:
+    def worker_beat(self, worker_id: str, audit_id: str | None) -> bool:
+        """Renew a worker's row; False when it is gone (dropped after a long silence)."""
         with self._tx() as conn:
-            conn.execute(
+            res = conn.execute(
                 update(workers).where(workers.c.id == worker_id).values(heartbeat=self.now(), audit=audit_id)
             )
+            return bool(res.rowcount)
 
     def unregister_worker(self, worker_id: str) -> None:
         with self._tx() as conn:

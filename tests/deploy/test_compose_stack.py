@@ -117,7 +117,9 @@ def stack(podman, context: Path) -> Iterator[dict[str, object]]:
     compose = ["podman-compose", "-p", PROJECT]
     podman.run(["docker-compose", "config", "-q"], context, **port)  # schema check (podman-compose has none)
     try:
-        podman.timed("build_s", [*compose, "build"], context, **port)
+        # Builds on the host's network: the Debian images install packages with apt, and this
+        # machine's resolver does not answer containers on podman's bridge (docs/deploy.md).
+        podman.timed("build_s", [*compose, "--podman-build-args=--network=host", "build"], context, **port)
         podman.timed("up_s", [*compose, "up", "-d", "--scale", f"api={REPLICAS}"], context, **port)
         up_at = time.perf_counter()
         url = f"http://127.0.0.1:{api_port}"
