@@ -131,7 +131,9 @@ def stack(podman, context: Path) -> Iterator[dict[str, object]]:
         yield {"url": url, "ctx": context, "up_at": up_at}
     finally:
         subprocess.run(
-            [*compose, "down", "-v"],
+            # --remove-orphans: podman-compose's down knows one container per service, not the
+            # scaled replicas; this removes every container labelled with the project.
+            [*compose, "down", "-v", "--remove-orphans"],
             env={**podman.env, **port},
             cwd=context,
             capture_output=True,
