@@ -124,16 +124,17 @@ def test_queue_limit_counts_idle_workers(db_url: str) -> None:
 
 def test_trim_keeps_the_newest_finished(db_url: str) -> None:
     s = _store(db_url)
-    ids = _submit(s, 5)
-    for _ in ids:
+    finished = []
+    for _ in _submit(s, 5):
         c = s.claim("w")
         assert c is not None
         s.finish(c, "done", result="{}", summary={"clean_accuracy": 1.0, "duration_s": 1.0, "robust": []})
-        time.sleep(0.01)
+        finished.append(c.id)
+        time.sleep(0.01)  # distinct finish times (SQLite's clock has millisecond resolution)
     _submit(s, 1)  # queued: never trimmed
     assert s.trim(2) == 3
     left = [r["id"] for r in s.recent() if r["status"] == "done"]
-    assert sorted(left) == sorted(ids[-2:])
+    assert sorted(left) == sorted(finished[-2:])
     assert set(s.latest_summaries()) == {"m"}
 
 
