@@ -28,7 +28,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.launch import ServerProcess, free_port, start_server  # noqa: E402, F401
+from service.launch import ServerProcess, free_port, start_server, start_worker  # noqa: E402, F401
 from training.card import ModelCard, StagedModel, load_model  # noqa: E402
 from training.data import dataset_info, load_split  # noqa: E402
 from training.models import create_model  # noqa: E402
@@ -142,21 +142,30 @@ def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:
 
 
 def start_audit_server(
-    store: Path, model: str, token: str, threads: int, extra_env: list[str]
-) -> ServerProcess:
+    store: Path, model: str, token: str, threads: int, extra_env: list[str], *, worker: bool = False
+) -> tuple[ServerProcess, ServerProcess | None]:
     """``erc serve`` of one model with the admin routes on (``token``) and no audit size limit;
-    ``extra_env`` holds ``KEY=VALUE`` settings from the command line."""
+    ``extra_env`` holds ``KEY=VALUE`` settings from the command line. ``worker``: audits run on a
+    separate ``erc audit-worker`` process (returned second) instead of the API's own child."""
     workdir = Path(tempfile.mkdtemp(prefix="erc-bench-"))
     env = {
         "ERC_ADMIN_TOKEN": token,
         "ERC_MODELS": model,
         "ERC_DEFAULT_MODEL": model,
-        "ERC_AUDIT_DIR": str(workdir / "audits"),
+        "ERC_AUDIT_DB": f"sqlite:///{workdir}/audits.db",
+        "ERC_AUDIT_LOCAL_WORKER": "off" if worker else "on",
         "ERC_AUDIT_MAX_WORK": "1e9",
         "ERC_TORCH_THREADS": str(threads),
         **dict(kv.split("=", 1) for kv in extra_env),
     }
-    return start_erc(store, env, workdir)
+    srv = start_erc(store, env, workdir)
+    if not worker:
+        return srv, None
+    try:
+        return srv, start_worker(store, workdir / "audit-worker.log", env=env)
+    except BaseException:
+        srv.stop()
+        raise
 
 
 # The background audit of the "while an audit runs" measurements: long enough to outlast them.

@@ -6,13 +6,16 @@
    autocast running every step, and fp32 with early stop: a sample fooled once is not attacked
    further, which only pays on a trained model), on the same model, eps grid, steps and samples;
    the robust accuracies each finds;
-2. prediction latency of the HTTP service with and without an audit running in the background
-   (the audit runs in its niced child process), wrk at N clients.
+2. prediction latency of the HTTP service with and without an audit running in the background,
+   wrk at N clients; the audit runs in the API's own niced child process (``--audit-on api``,
+   the embedded mode) or on a separate ``erc audit-worker`` process (``--audit-on worker``, the
+   scaled-out mode; on one host it still shares the CPUs, see docs/benchmarks.md).
 
 The last output line is JSON with every figure.
 
     python bench/audit.py                     # ~3 minutes on 2 CPU cores
     python bench/audit.py --skip-serving --n 256 --steps 10
+    python bench/audit.py --skip-attacks --audit-on worker --seconds 20
 """
 
 from __future__ import annotations
@@ -121,6 +124,13 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (always on CUDA)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per attack path (median)")
     ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--skip-attacks", action="store_true", help="only the serving part")
+    ap.add_argument(
+        "--audit-on",
+        choices=["api", "worker"],
+        default="api",
+        help="where the background audit runs: the API's own child (embedded) or an erc audit-worker",
+    )
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument(
@@ -146,62 +156,72 @@ def main() -> int:
     result: dict = {"machine": machine(), "device": str(device), "model": desc, "settings": vars(args)}
     log(f"model: {desc}; {len(x)} samples x {len(eps)} eps x PGD-{args.steps} on {device}")
 
-    # Warm-up of every path (allocator, oneDNN kernels), then the measured runs, interleaved
-    # --repeats times; each row reports its median time.
-    paths = {
-        "torchattacks_fp32": lambda xs, ys, e, k: torchattacks_pgd(model, xs, ys, e, k, args.batch, device),
-        "ours_fp32": lambda xs, ys, e, k: ours_pgd(model, xs, ys, e, k, args.batch, device, "fp32", False),
-        "ours_bf16": lambda xs, ys, e, k: ours_pgd(model, xs, ys, e, k, args.batch, device, "bf16", False),
-        "ours_fp32_early_stop": lambda xs, ys, e, k: ours_pgd(
-            model, xs, ys, e, k, args.batch, device, "fp32", True
-        ),
-    }
-    if args.compile or device.type == "cuda":
-        # Each call builds a new engine, but torch.compile's caches carry over (measured on the CPU:
-        # 20.8 s for the first call, 0.36 s for the next), so the warm-up below pays the compile.
-        paths["ours_bf16_compiled"] = lambda xs, ys, e, k: ours_pgd(
-            model, xs, ys, e, k, args.batch, device, "bf16", False, "on"
-        )
-    for run in paths.values():
-        run(x[:32], y[:32], eps[:1], 2)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    robust: dict[str, dict[float, float]] = {}
-    for _ in range(args.repeats):
-        for k, run in paths.items():
-            t, robust[k] = run(x, y, eps, args.steps)
-            times[k].append(t)
-    rows = {}
-    for k in paths:
-        t = sorted(times[k])[len(times[k]) // 2]
-        rows[k] = {"seconds": round(t, 2), "image_steps_per_s": round(work / t), "robust": robust[k]}
-    for k, r in rows.items():
-        log(f"  {k:18} {r['image_steps_per_s']:>8} image-steps/s  robust {json.dumps(r['robust'])}")
-    base = rows["torchattacks_fp32"]["image_steps_per_s"]
-    result["attack_throughput"] = rows
-    result["ratios"] = {
-        "ours_fp32_vs_torchattacks": round(rows["ours_fp32"]["image_steps_per_s"] / base, 3),
-        "ours_bf16_vs_torchattacks": round(rows["ours_bf16"]["image_steps_per_s"] / base, 3),
-        **(
-            {
-                "ours_bf16_compiled_vs_torchattacks": round(
-                    rows["ours_bf16_compiled"]["image_steps_per_s"] / base, 3
-                )
-            }
-            if "ours_bf16_compiled" in rows
-            else {}
-        ),
-        "early_stop_vs_all_steps_fp32": round(
-            rows["ours_fp32_early_stop"]["image_steps_per_s"] / rows["ours_fp32"]["image_steps_per_s"], 3
-        ),
-        "bf16_vs_fp32_max_robust_gap_points": round(
-            100 * max(abs(rows["ours_bf16"]["robust"][e] - rows["ours_fp32"]["robust"][e]) for e in eps), 2
-        ),
-        "ours_fp32_vs_torchattacks_max_robust_gap_points": round(
-            100
-            * max(abs(rows["ours_fp32"]["robust"][e] - rows["torchattacks_fp32"]["robust"][e]) for e in eps),
-            2,
-        ),
-    }
+    if not args.skip_attacks:
+        # Warm-up of every path (allocator, oneDNN kernels), then the measured runs, interleaved
+        # --repeats times; each row reports its median time.
+        paths = {
+            "torchattacks_fp32": lambda xs, ys, e, k: torchattacks_pgd(
+                model, xs, ys, e, k, args.batch, device
+            ),
+            "ours_fp32": lambda xs, ys, e, k: ours_pgd(
+                model, xs, ys, e, k, args.batch, device, "fp32", False
+            ),
+            "ours_bf16": lambda xs, ys, e, k: ours_pgd(
+                model, xs, ys, e, k, args.batch, device, "bf16", False
+            ),
+            "ours_fp32_early_stop": lambda xs, ys, e, k: ours_pgd(
+                model, xs, ys, e, k, args.batch, device, "fp32", True
+            ),
+        }
+        if args.compile or device.type == "cuda":
+            # Each call builds a new engine, but torch.compile's caches carry over (measured on the CPU:
+            # 20.8 s for the first call, 0.36 s for the next), so the warm-up below pays the compile.
+            paths["ours_bf16_compiled"] = lambda xs, ys, e, k: ours_pgd(
+                model, xs, ys, e, k, args.batch, device, "bf16", False, "on"
+            )
+        for run in paths.values():
+            run(x[:32], y[:32], eps[:1], 2)
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        robust: dict[str, dict[float, float]] = {}
+        for _ in range(args.repeats):
+            for k, run in paths.items():
+                t, robust[k] = run(x, y, eps, args.steps)
+                times[k].append(t)
+        rows = {}
+        for k in paths:
+            t = sorted(times[k])[len(times[k]) // 2]
+            rows[k] = {"seconds": round(t, 2), "image_steps_per_s": round(work / t), "robust": robust[k]}
+        for k, r in rows.items():
+            log(f"  {k:18} {r['image_steps_per_s']:>8} image-steps/s  robust {json.dumps(r['robust'])}")
+        base = rows["torchattacks_fp32"]["image_steps_per_s"]
+        result["attack_throughput"] = rows
+        result["ratios"] = {
+            "ours_fp32_vs_torchattacks": round(rows["ours_fp32"]["image_steps_per_s"] / base, 3),
+            "ours_bf16_vs_torchattacks": round(rows["ours_bf16"]["image_steps_per_s"] / base, 3),
+            **(
+                {
+                    "ours_bf16_compiled_vs_torchattacks": round(
+                        rows["ours_bf16_compiled"]["image_steps_per_s"] / base, 3
+                    )
+                }
+                if "ours_bf16_compiled" in rows
+                else {}
+            ),
+            "early_stop_vs_all_steps_fp32": round(
+                rows["ours_fp32_early_stop"]["image_steps_per_s"] / rows["ours_fp32"]["image_steps_per_s"], 3
+            ),
+            "bf16_vs_fp32_max_robust_gap_points": round(
+                100 * max(abs(rows["ours_bf16"]["robust"][e] - rows["ours_fp32"]["robust"][e]) for e in eps),
+                2,
+            ),
+            "ours_fp32_vs_torchattacks_max_robust_gap_points": round(
+                100
+                * max(
+                    abs(rows["ours_fp32"]["robust"][e] - rows["torchattacks_fp32"]["robust"][e]) for e in eps
+                ),
+                2,
+            ),
+        }
 
     if not args.skip_serving:
         if not wrk_available():
@@ -209,7 +229,9 @@ def main() -> int:
             return 2
         pngs, _ = mnist_pngs(64)
         token = "bench-token"
-        srv = start_audit_server(store, args.model, token, args.threads, args.server_env)
+        srv, worker = start_audit_server(
+            store, args.model, token, args.threads, args.server_env, worker=args.audit_on == "worker"
+        )
         path = f"/v1/models/{args.model}:predict"
         try:
             run_wrk(srv.url, path, pngs, args.clients, 3)
@@ -222,7 +244,10 @@ def main() -> int:
                 c.delete(f"/admin/audits/{audit_id}")
         finally:
             srv.stop()
+            if worker is not None:
+                worker.stop()
         result["serving_during_audit"] = {
+            "audit_on": args.audit_on,
             "quiet": {k: getattr(quiet, k) for k in ("rps", "p50_ms", "p99_ms", "errors")},
             "audit_running": {k: getattr(busy, k) for k in ("rps", "p50_ms", "p99_ms", "errors")},
             "audit_progress_at_end": status.get("progress"),

@@ -117,8 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = ModelRegistry(settings)
         registry.load_all()
         app.state.registry = registry
-        app.state.audits = AuditManager(settings)
-        app.state.audits.start()
+        # The audit store only matters with the admin routes on; without a token there is no way
+        # to request an audit, so no database is opened (or created).
+        manager = AuditManager(settings) if _admin_enabled(settings) else None
+        app.state.audits = manager
+        if manager is not None:
+            manager.start()
         app.state.attacks = AttackPool(settings)  # worker processes start with the first :attack
         batch = min(settings.max_batch_size, settings.max_queue)
         app.state.embedding_maps = EmbeddingMaps(settings.embedding_map_n, batch)
@@ -128,7 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.attacks.stop()
-            app.state.audits.stop()
+            if manager is not None:
+                manager.stop()
+                metrics.AUDIT_STORE.snapshot = None
             registry.stop()
             log.info("models and audits stopped")
 
@@ -164,6 +170,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _admin_enabled(settings: Settings) -> bool:
+    token = settings.admin_token
+    return token is not None and bool(token.get_secret_value())
 
 
 def _validation_errors_as_served(schema: dict[str, Any]) -> None:

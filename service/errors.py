@@ -12,7 +12,8 @@
     +-- UnsupportedMediaType  415      a Content-Type we do not read
     +-- InvalidInput          422      not an image, corrupt image, bad tensor values or shape
     +-- TooManyRequests       429      the :attack queue is full (with Retry-After)
-    +-- ServiceUnavailable    503      model not ready, queue full (with Retry-After)
+    +-- ServiceUnavailable    503      model not ready, queue full (with Retry-After), audit
+                                       store unreachable (AuditStoreUnavailable, admin routes only)
 
 Every response of an error carries ``{"error": {"code", "message"}}``; the message names what
 was wrong, never a stack trace. The tree has no web-framework dependency (the TorchServe handler
@@ -106,4 +107,14 @@ class QueueFull(ServiceUnavailable):
     code = "queue_full"
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class AuditStoreUnavailable(ServiceUnavailable):
+    """The audit job store (database) cannot be reached: the admin audit routes answer this, the
+    prediction routes keep serving."""
+
+    code = "audit_store_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})

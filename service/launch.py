@@ -1,6 +1,7 @@
-"""``erc serve`` as a child process: start it on a free loopback port, wait until ``/readyz``
-answers 200, stop it with SIGTERM. Shared by the integration tests and the benchmarks (and any
-script that runs the stack without containers)."""
+"""``erc serve`` and ``erc audit-worker`` as child processes: start one on a free loopback port,
+wait until it is ready (the API's ``/readyz`` answers 200; a worker's metrics port answers, which it
+opens once the job store is open), stop it with SIGTERM. Shared by the integration tests, the
+benchmarks and ``erc stack``."""
 
 from __future__ import annotations
 
@@ -67,15 +68,18 @@ class ServerProcess:
         return clean_exit and "Application shutdown complete" in self.log.read_text(errors="replace")
 
 
-def start_server(
-    store: Path, log: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+def _start(
+    command: str,
+    store: Path,
+    log: Path,
+    port: int,
+    env: dict[str, str] | None,
+    ready_url: str,
+    timeout: float,
 ) -> ServerProcess:
-    """Start ``python -m service.cli serve`` on the models of ``store``; ``env`` adds ERC_* settings."""
-    port = free_port()
     environ = {
         **os.environ,
         "ERC_MODEL_STORE": str(store),
-        "ERC_PORT": str(port),
         "ERC_HOST": "127.0.0.1",
         "PYTHONPATH": str(REPO),
         **(env or {}),
@@ -83,7 +87,7 @@ def start_server(
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "service.cli", command],
         env=environ,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -92,9 +96,27 @@ def start_server(
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if http_status(url + "/readyz") == 200:
+            raise RuntimeError(f"erc {command} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if http_status(url + ready_url) == 200:
             return ServerProcess(url, proc, log, time.perf_counter() - t0)
         time.sleep(0.02)
     proc.kill()
-    raise TimeoutError(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"erc {command} not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(
+    store: Path, log: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> ServerProcess:
+    """Start ``python -m service.cli serve`` on the models of ``store``; ``env`` adds ERC_* settings."""
+    port = free_port()
+    return _start("serve", store, log, port, {"ERC_PORT": str(port), **(env or {})}, "/readyz", timeout)
+
+
+def start_worker(
+    store: Path, log: Path, *, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> ServerProcess:
+    """Start ``python -m service.cli audit-worker`` (``env`` must name ``ERC_AUDIT_DB``); its ``url``
+    is its Prometheus endpoint. ``stop()`` hands its running audit back to the queue."""
+    port = free_port()
+    env = {"ERC_AUDIT_WORKER_METRICS_PORT": str(port), **(env or {})}
+    return _start("audit-worker", store, log, port, env, "/metrics", timeout)

@@ -8,9 +8,12 @@ seconds, open fds), which the benchmarks read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.001,
@@ -53,19 +56,17 @@ MODEL_INFO = Gauge(
     "Served model (value 1) with its identity; version = first 12 hex digits of the weights' sha256",
     ["model", "version", "arch", "dataset", "method", "sha256"],
 )
-AUDIT_ROBUST_ACCURACY = Gauge(
-    "erc_audit_robust_accuracy",
-    "Robust accuracy of the last finished audit, per eps and attack (attack=union: every attack failed)",
-    ["model", "eps", "attack"],
+AUDITS = Counter("erc_audits_total", "Audits by final status (counted where they ended)", ["status"])
+AUDIT_ATTEMPTS = Counter(
+    "erc_audit_attempts_total",
+    "Audit attempts this process's worker ran, by how they ended (lease_lost: another worker took over; "
+    "released: handed back to the queue at shutdown)",
+    ["outcome"],
 )
-AUDIT_CLEAN_ACCURACY = Gauge(
-    "erc_audit_clean_accuracy", "Clean accuracy in the last finished audit", ["model"]
+AUDIT_WORKER_HEARTBEAT = Gauge(
+    "erc_audit_worker_heartbeat_timestamp_seconds", "Last heartbeat of this process's audit worker"
 )
-AUDIT_DURATION = Gauge("erc_audit_duration_seconds", "Duration of the last finished audit", ["model"])
-AUDIT_TIMESTAMP = Gauge(
-    "erc_audit_last_finished_timestamp_seconds", "When the last audit finished", ["model"]
-)
-AUDITS = Counter("erc_audits_total", "Audits by final status", ["status"])
+AUDIT_WORKER_BUSY = Gauge("erc_audit_worker_busy", "1 while this process's audit worker runs an audit")
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
 TYPICALITY_MAHALANOBIS = Histogram(
     "erc_typicality_mahalanobis",
@@ -115,6 +116,79 @@ def observe_typicality(model: str, endpoint: str, out: Any) -> None:
     flagged = int(out.atypical.sum())
     if flagged:
         ATYPICAL.labels(model=model, endpoint=endpoint).inc(flagged)
+
+
+class AuditStoreCollector(Collector):
+    """Gauges of the audit job store, so every API replica reports the same queue and the same last
+    results (no replica has to have seen them happen): queue depth, running audits, live workers,
+    and per model the figures of its last finished audit.
+
+    The API's store thread refreshes them every ``ERC_AUDIT_HEARTBEAT_S`` (:meth:`update`); a scrape
+    only formats the last snapshot, so ``/metrics`` never waits on the database (a scrape runs on
+    the event loop that serves predictions). ``erc_audit_store_up`` is 0 while the store cannot be
+    read; nothing is exported without a store (admin routes off)."""
+
+    def __init__(self) -> None:
+        self.snapshot: tuple[bool, Any, dict[str, tuple[float, dict[str, Any]]]] | None = None
+
+    def update(self, stats: Any, latest: dict[str, tuple[float, dict[str, Any]]]) -> None:
+        """``stats``: :class:`service.audit.store.Stats`; ``latest``: model -> (finished, summary)."""
+        self.snapshot = (True, stats, latest)
+
+    def down(self) -> None:
+        old = self.snapshot
+        self.snapshot = (False, None, old[2] if old else {})
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot
+        return iter(()) if snap is None else iter(self._families(*snap))
+
+    @staticmethod
+    def _families(
+        ok: bool, stats: Any, latest: dict[str, tuple[float, dict[str, Any]]]
+    ) -> list[GaugeMetricFamily]:
+        up = GaugeMetricFamily("erc_audit_store_up", "1 when the audit job store answers, else 0")
+        up.add_metric([], 1 if ok else 0)
+        families = [up]
+        if ok:
+            queued = GaugeMetricFamily("erc_audit_queue_depth", "Audits waiting for a worker (whole store)")
+            queued.add_metric([], stats.by_status.get("queued", 0))
+            running = GaugeMetricFamily(
+                "erc_audits_running", "Audits running or being cancelled (whole store)"
+            )
+            running.add_metric([], stats.by_status.get("running", 0) + stats.by_status.get("cancelling", 0))
+            alive = GaugeMetricFamily(
+                "erc_audit_workers", "Audit workers whose lease heartbeat is current", labels=["state"]
+            )
+            alive.add_metric(["idle"], stats.workers_idle)
+            alive.add_metric(["busy"], stats.workers_alive - stats.workers_idle)
+            families += [queued, running, alive]
+        robust = GaugeMetricFamily(
+            "erc_audit_robust_accuracy",
+            "Robust accuracy of the last finished audit, per eps and attack (attack=union: every attack "
+            "failed)",
+            labels=["model", "eps", "attack"],
+        )
+        clean = GaugeMetricFamily(
+            "erc_audit_clean_accuracy", "Clean accuracy in the last finished audit", labels=["model"]
+        )
+        duration = GaugeMetricFamily(
+            "erc_audit_duration_seconds", "Duration of the last finished audit", labels=["model"]
+        )
+        stamp = GaugeMetricFamily(
+            "erc_audit_last_finished_timestamp_seconds", "When the last audit finished", labels=["model"]
+        )
+        for model, (finished, summary) in latest.items():
+            clean.add_metric([model], summary["clean_accuracy"])
+            duration.add_metric([model], summary["duration_s"])
+            stamp.add_metric([model], finished)
+            for r in summary["robust"]:
+                robust.add_metric([model, r["eps"], r["attack"]], r["accuracy"])
+        return [*families, robust, clean, duration, stamp]
+
+
+AUDIT_STORE = AuditStoreCollector()
+REGISTRY.register(AUDIT_STORE)
 
 
 def render() -> tuple[bytes, str]:

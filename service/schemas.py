@@ -235,10 +235,20 @@ class InferResponse(BaseModel):
     outputs: list[InferOutput]
 
 
+class AuditStoreReadiness(BaseModel):
+    store: str = Field(description="the job store's URL, password hidden")
+    ok: bool = Field(description="whether the store answers (the admin audit routes answer 503 while not)")
+    local_worker: bool = Field(description="whether this API process runs audits itself (embedded mode)")
+    error: str | None = Field(None, description="why the store cannot be used")
+
+
 class Readiness(BaseModel):
     ready: bool
     draining: bool = False
     models: dict[str, dict[str, Any]] | None = None
+    audits: AuditStoreReadiness | None = Field(
+        None, description="present with the admin routes on; does not affect ready"
+    )
 
 
 class Liveness(BaseModel):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.audit.store import JobStore
 
 
 class Settings(BaseSettings):
@@ -57,7 +60,31 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token of /admin routes; unset disables them"
     )
-    audit_dir: Path = Field(Path("audits"), description="where audit results and reports are written")
+    audit_db: str = Field(
+        "sqlite:///var/audits.db",
+        description="the audit job store shared by API replicas and audit workers: sqlite:///PATH (one "
+        "host; the default lies in var/, which git ignores) or postgresql://USER:PASSWORD@HOST:PORT/DB",
+    )
+    audit_db_password: SecretStr | None = Field(
+        None, description="password for the audit store's URL when the URL has none (keeps it out of URLs)"
+    )
+    audit_local_worker: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run audits in this API process (auto: with a SQLite store; off when dedicated "
+        "`erc audit-worker` processes run them)",
+    )
+    audit_lease_s: float = Field(
+        30.0, ge=1, le=3600, description="a worker silent this long has lost its audit (re-queued)"
+    )
+    audit_heartbeat_s: float = Field(
+        2.0, gt=0, le=600, description="how often a worker renews its lease, records progress, sees cancels"
+    )
+    audit_worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Prometheus port of `erc audit-worker` (0: none)"
+    )
+    audit_max_attempts: int = Field(
+        3, ge=1, le=100, description="runs of an audit whose workers died before it is marked failed"
+    )
     audit_device: str = Field("auto", description="device of audits: auto (CUDA when present), cpu, cuda:N")
     audit_threads: int | None = Field(
         None, ge=1, description="torch threads of the audit process; default: half"
@@ -71,8 +98,10 @@ class Settings(BaseSettings):
         5e6, gt=0, description="largest audit: samples x eps levels x forward-backward passes per sample"
     )
     audit_max_n: int = Field(10000, ge=1, description="largest number of audited samples")
-    audit_max_queued: int = Field(4, ge=0, description="audits waiting behind the running one (409 beyond)")
-    audit_keep: int = Field(50, ge=1, description="finished audits kept in memory for GET /admin/audits")
+    audit_max_queued: int = Field(
+        4, ge=0, description="audits waiting beyond those idle workers take at once (409 beyond)"
+    )
+    audit_keep: int = Field(200, ge=1, description="finished audits kept in the store (GET /admin/audits)")
 
     # -- per-request attack check (POST /v1/models/{name}:attack) and the console -----------------
     attack_access: Literal["public", "admin", "off"] = Field(
@@ -139,8 +168,40 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("audit_db")
+    @classmethod
+    def _audit_db_url(cls, value: str) -> str:
+        from service.audit.store import normalize_url
+
+        normalize_url(value)  # raises ValueError naming what is wrong
+        return value
+
+    def audit_store(self) -> JobStore:
+        """The audit job store these settings name (not opened yet)."""
+        from service.audit.store import JobStore
+
+        password = self.audit_db_password.get_secret_value() if self.audit_db_password else None
+        return JobStore(
+            self.audit_db,
+            password=password,
+            lease_s=self.audit_lease_s,
+            connect_timeout_s=min(5.0, self.audit_lease_s),
+        )
+
+    @property
+    def runs_local_worker(self) -> bool:
+        """Whether this API process runs audits itself (embedded mode)."""
+        if self.audit_local_worker == "auto":
+            return self.audit_db.startswith("sqlite")
+        return self.audit_local_worker == "on"
+
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
+        if self.audit_heartbeat_s * 2 > self.audit_lease_s:
+            raise ValueError(
+                f"audit_heartbeat_s ({self.audit_heartbeat_s}) must be at most half of audit_lease_s "
+                f"({self.audit_lease_s}): one late heartbeat must not lose a live worker its audit"
+            )
         if self.max_instances > self.max_queue:
             raise ValueError(
                 f"max_instances ({self.max_instances}) must not exceed max_queue ({self.max_queue})"

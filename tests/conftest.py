@@ -180,3 +180,16 @@ def _screenshot(html: str, tmp_path: Path) -> None:
 def screenshot_html():
     """``screenshot_html(html, folder)``: render a page in headless Chromium and check it is not blank."""
     return _screenshot
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster (Debian's postgresql, on a fresh machine) on a free loopback
+    port for the whole session; tests create their own databases in it (``create_database``)."""
+    from service.postgres import start_postgres
+
+    pg = start_postgres(durable=False)
+    try:
+        yield pg
+    finally:
+        pg.destroy()

@@ -1,20 +1,22 @@
-"""The audit process: a child of the server, started with ``spawn``, at a lower CPU priority and
-with its own torch thread count, so that an audit never starves prediction traffic and a crash in
-it never takes the server down.
+"""The audit process: a child of an audit worker (``erc audit-worker``, or the API's local worker),
+started with ``spawn``, at a lower CPU priority and with its own torch thread count, so that an
+audit never starves prediction traffic and a crash in it never takes its parent down; a cancel
+terminates it.
 
-It loads the model from the store and refuses to run if the weights' sha256 differs from the one
-the server serves (the audit must measure the exact weights being served), runs the audit, and
-writes ``{id}.json`` and ``{id}.html`` atomically. Messages to the parent go through a pipe:
-``("progress", dict)``, ``("done", {"json": path, "html": path})`` or ``("failed", message)``.
+It loads the model from the worker's model store and refuses to run if the weights' sha256
+differs from the one the API served when the audit was requested (the audit must measure the
+exact weights being served), runs the audit, and hands the result back; its parent, the lease
+holder, writes it to the job store in one transaction. Messages to the parent go through a pipe:
+``("progress", dict)``, ``("done", result_json, report_html)`` or ``("failed", message, traceback)``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
 import traceback
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,6 @@ from service.audit.engine import AuditSpec, Progress
 from service.audit.report import render
 from service.audit.runner import checks_cost, run_audit
 from training.card import ModelCard, load_model
-from training.checkpoint import atomic_write_text
 from training.data import load_split
 from training.devices import resolve_device
 
@@ -32,7 +33,7 @@ from training.devices import resolve_device
 def load_data(job: dict[str, Any], card: ModelCard) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     data = job["data"]
     if data["source"] == "upload":
-        arrays = np.load(job["upload_path"])
+        arrays = np.load(io.BytesIO(job["upload"]))
         x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]).long()
         return x, y, {"source": "upload", "n": len(y)}
     name = data.get("dataset") or card.dataset
@@ -46,9 +47,26 @@ def load_data(job: dict[str, Any], card: ModelCard) -> tuple[torch.Tensor, torch
     )
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the worker that started it dies (kill -9, OOM killer), so
+    an orphaned attack does not go on burning the device while another worker re-runs the audit."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the lease still hands the audit to another worker
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(job: dict[str, Any], conn: Any) -> None:
     """Entry point of the spawned process."""
     try:
+        _die_with_parent()
         # Both apply to this thread and to the threads it starts later (torch's pools among them).
         os.nice(int(job.get("niceness", 10)))
         if job.get("sched_idle") and hasattr(os, "SCHED_IDLE"):
@@ -88,11 +106,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
         stop.set()
         reporter.join()
         result["id"] = job["id"]
-        out = Path(job["out_dir"])
-        json_path, html_path = out / f"{job['id']}.json", out / f"{job['id']}.html"
-        atomic_write_text(html_path, render(result))
-        atomic_write_text(json_path, json.dumps(result) + "\n")
-        conn.send(("done", {"json": str(json_path), "html": str(html_path)}))
+        conn.send(("done", json.dumps(result), render(result)))
     except BaseException as exc:  # the parent must always hear how the audit ended
         conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5)))
     finally:

@@ -28,6 +28,7 @@ COMMANDS = (
     "data",
     "audit",
     "serve",
+    "audit_worker",
     "package",
     "stack",
     "listing",

@@ -119,3 +119,36 @@ def suite_from_args(args: argparse.Namespace, default: list[tuple[str, dict[str,
     if unused:
         raise AttackError(f"no attack given takes {', '.join(unused)} ({', '.join(n for n, _ in requests)})")
     return build_attacks(merged, args.norm)
+
+
+def add_settings_flags(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """One flag per :class:`service.settings.Settings` field (``{flag: field}``), its help and
+    default taken from the field itself, so flags and ``ERC_*`` variables never disagree."""
+    from service.settings import Settings
+
+    for flag, name in flags.items():
+        info = Settings.model_fields[name]
+        default = "" if info.default is None else f", default {info.default}"
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            dest=name,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{info.description} [ERC_{name.upper()}{default}]",
+        )
+
+
+def settings_from_flags(args: argparse.Namespace, flags: dict[str, str]) -> Any:
+    """Settings from ``ERC_*`` variables with the given flags on top; invalid ones exit with one
+    line naming each problem."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    overrides = {name: getattr(args, name) for name in flags.values() if getattr(args, name) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SystemExit(f"erc: invalid settings: {problems}") from None

@@ -53,7 +53,9 @@ def register(sub: Any) -> None:
     au.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     au.add_argument("--no-checks", action="store_true", help="skip the sanity checks")
     au.add_argument("--batch-size", type=int, default=256)
-    au.add_argument("--out", default="audit", help="folder for audit.json and report.html")
+    au.add_argument(
+        "--out", default="var/audit", help="folder for audit.json and report.html (var/ is git-ignored)"
+    )
     au.add_argument(
         "--update-card",
         action="store_true",

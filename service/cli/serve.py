@@ -21,39 +21,23 @@ FLAGS = {
     "torch_threads": "torch_threads",
     "workers": "workers",
     "attack_access": "attack_access",
+    "audit_db": "audit_db",
 }
 
 
 def register(sub: Any) -> None:
-    from service.settings import Settings
+    from service.cli._common import add_settings_flags
 
     sv = sub.add_parser("serve", help="serve the model store over HTTP (settings from ERC_* variables)")
-    for flag, field in FLAGS.items():
-        info = Settings.model_fields[field]
-        default = "" if info.default is None else f", default {info.default}"
-        sv.add_argument(
-            "--" + flag.replace("_", "-"),
-            dest=field,
-            metavar=field.split("_")[-1].upper(),
-            help=f"{info.description} [ERC_{field.upper()}{default}]",
-        )
+    add_settings_flags(sv, FLAGS)
     sv.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
+    from service.cli._common import settings_from_flags
     from service.server import serve
-    from service.settings import Settings
 
-    overrides = {field: getattr(args, field) for field in FLAGS.values() if getattr(args, field) is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise SystemExit(f"erc: invalid settings: {problems}") from None
+    settings = settings_from_flags(args, FLAGS)
     if not settings.model_store.is_dir():
         raise SystemExit(f"erc: model store {settings.model_store} does not exist (--store, ERC_MODEL_STORE)")
     logging.getLogger().setLevel(settings.log_level.upper())

@@ -2,11 +2,15 @@
 
 With no ``ERC_ADMIN_TOKEN`` configured every admin route answers 404, as if it did not exist. A
 missing or wrong token gets 401 (compared in constant time). See :mod:`service.audit.jobs` for the
-queueing policy.
+queueing policy. The routes read and write the shared job store, so any API replica answers for
+any audit; they call it from the thread pool (a slow or unreachable database never blocks the event
+loop that serves predictions) and answer 503 ``audit_store_unavailable`` while it is down.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import secrets
 from typing import Annotated, Any, Literal
@@ -14,10 +18,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
 
 from service.audit.engine import AuditSpec
-from service.audit.jobs import Audit, AuditManager, default_threads
+from service.audit.jobs import AuditManager
 from service.audit.runner import checks_cost, default_eps
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
 from service.http import json_response
@@ -156,7 +161,7 @@ def _check_dataset(name: str, card: ModelCard) -> None:
     "/audits",
     status_code=202,
     response_model=AuditCreated,
-    responses=error_responses(400, 401, 404, 409, 413, 422),
+    responses=error_responses(400, 401, 404, 409, 413, 422, 503),
     summary="Start a robustness audit",
 )
 async def create_audit(req: AuditRequest, request: Request) -> Response:
@@ -168,7 +173,7 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     spec = _spec(req, card.train_eps, c * h * w)
     manager = audits(request)
     audit_id = manager.new_id()
-    job: dict[str, Any] = {"id": audit_id, "out_dir": str(manager.out_dir)}
+    upload: bytes | None = None
     if req.data.source == "upload":
         if not req.data.instances or req.data.labels is None:
             raise InvalidInput("data.source=upload needs data.instances and data.labels")
@@ -186,10 +191,10 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
             names,
         )
         x, _ = decode_all(payload, served.engine.spec, settings.max_image_pixels)
-        upload = manager.out_dir / f"{audit_id}.upload.npz"
-        manager.out_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(upload, x=x.numpy(), y=np.asarray(req.data.labels, dtype=np.int64))
-        job["upload_path"] = str(upload)
+        # The decoded images travel with the audit in the store: a worker on another host runs it.
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x=x.numpy(), y=np.asarray(req.data.labels, dtype=np.int64))
+        upload = buf.getvalue()
     else:
         n = min(req.data.n, settings.audit_max_n)
         if req.data.n > settings.audit_max_n:
@@ -205,20 +210,15 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
         )
     request_record = req.model_dump(exclude={"data": {"instances"}})
     request_record["data"]["n"] = n
-    job.update(
-        model_dir=str(served.path),
-        weights_sha256=card.weights_sha256,
-        device=settings.audit_device,
-        threads=settings.audit_threads or default_threads(),
-        niceness=settings.audit_niceness,
-        sched_idle=settings.audit_sched_idle,
-        data={"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
-        spec=spec.to_dict(),
-        request=request_record,
-        work=work,
-    )
-    audit = manager.submit(Audit(audit_id, req.model, job))
-    body = audit.summary()
+    # What any worker needs to run it; where and how (device, threads, priority) is the worker's.
+    job: dict[str, Any] = {
+        "weights_sha256": card.weights_sha256,
+        "data": {"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
+        "spec": spec.to_dict(),
+        "request": request_record,
+        "work": work,
+    }
+    body = await run_in_threadpool(manager.submit, audit_id, req.model, job, upload)
     return json_response(
         {k: body[k] for k in ("id", "status", "model", "estimated_work", "links")},
         status=202,
@@ -226,47 +226,50 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     )
 
 
-def _audit(request: Request, audit_id: str) -> Audit:
-    audit = audits(request).get(audit_id)
+async def _audit(request: Request, audit_id: str) -> dict[str, Any]:
+    audit = await run_in_threadpool(audits(request).get, audit_id)
     if audit is None:
         raise NotFound(f"no audit {audit_id!r}", code="audit_not_found")
     return audit
 
 
-@router.get("/audits", responses=error_responses(401, 404), summary="Recent audits, newest first")
+@router.get("/audits", responses=error_responses(401, 404, 503), summary="Recent audits, newest first")
 async def list_audits(request: Request) -> Response:
-    return json_response({"audits": audits(request).list()})
+    return json_response({"audits": await run_in_threadpool(audits(request).list)})
 
 
 @router.get(
     "/audits/{audit_id}",
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 404, 503),
     summary="Status, progress, and when done the full result",
 )
 async def get_audit(audit_id: str, request: Request) -> Response:
-    audit = _audit(request, audit_id)
-    body = audit.summary()
-    if audit.status == "done":
-        body["result"] = audit.result()
+    body = await _audit(request, audit_id)
+    if body["status"] == "done":
+        result, _ = await run_in_threadpool(audits(request).result, audit_id)
+        body["result"] = json.loads(result) if result else None
     return json_response(body)
 
 
 @router.get(
     "/audits/{audit_id}/report",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}}, **json_error_responses(401, 404, 409)},
+    responses={200: {"content": {"text/html": {}}}, **json_error_responses(401, 404, 409, 503)},
     summary="Self-contained HTML report of a finished audit",
 )
 async def audit_report(audit_id: str, request: Request) -> Response:
-    audit = _audit(request, audit_id)
-    if audit.status != "done":
-        raise Conflict(f"audit {audit_id} is {audit.status}; the report exists once it is done")
-    return HTMLResponse(open(audit.paths["html"], encoding="utf-8").read())
+    audit = await _audit(request, audit_id)
+    if audit["status"] != "done":
+        raise Conflict(f"audit {audit_id} is {audit['status']}; the report exists once it is done")
+    _, html = await run_in_threadpool(audits(request).result, audit_id)
+    if html is None:  # deleted between the two reads (ERC_AUDIT_KEEP)
+        raise NotFound(f"no audit {audit_id!r}", code="audit_not_found")
+    return HTMLResponse(html)
 
 
-@router.delete("/audits/{audit_id}", responses=error_responses(401, 404, 409), summary="Cancel an audit")
+@router.delete("/audits/{audit_id}", responses=error_responses(401, 404, 409, 503), summary="Cancel an audit")
 async def cancel_audit(audit_id: str, request: Request) -> Response:
-    _audit(request, audit_id)
-    audit = audits(request).cancel(audit_id)
-    assert audit is not None
-    return json_response(audit.summary())
+    audit = await run_in_threadpool(audits(request).cancel, audit_id)
+    if audit is None:
+        raise NotFound(f"no audit {audit_id!r}", code="audit_not_found")
+    return json_response(audit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -22,13 +24,19 @@ async def healthz() -> Response:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness}},
-    summary="Readiness: the default model is loaded and warm and its queue is not full; per-model detail",
+    summary="Readiness: the default model is loaded and warm and its queue is not full; per-model detail "
+    "and, with the admin routes on, whether the audit store answers (reported, not required)",
 )
 async def readyz(request: Request) -> Response:
     ok, detail = registry(request).readiness()
+    body: dict[str, Any] = {"ready": ok, "draining": False, "models": detail}
+    manager = request.app.state.audits
+    if manager is not None:
+        # Reported, not required: predictions are served whether or not the audit store answers.
+        body["audits"] = manager.readiness()
     if draining.is_set():  # shutting down: keep serving, but send no new traffic here
-        return json_response({"ready": False, "draining": True, "models": detail}, status=503)
-    return json_response({"ready": ok, "draining": False, "models": detail}, status=200 if ok else 503)
+        return json_response({**body, "ready": False, "draining": True}, status=503)
+    return json_response(body, status=200 if ok else 503)
 
 
 @router.get(

@@ -226,6 +226,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
         "ERC_BASE_IMAGE": BASE_IMAGE,
         "ERC_PROMETHEUS_BASE_IMAGE": BASE_IMAGE,
+        "ERC_DEBIAN_BASE_IMAGE": BASE_IMAGE,
         "ERC_PIP_ARGS": "--no-index",
     }
     pm = Podman(env, {})

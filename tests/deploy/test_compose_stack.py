@@ -3,9 +3,12 @@
 Opt-in (marker ``deploy``; ``make test`` runs it): builds a Debian base image with debootstrap
 once (kept between runs), a wheelhouse from this machine's pip, the stack's images from the
 repository's Dockerfiles, validates docker-compose.yml with Debian's docker-compose, brings the
-stack up with podman-compose in a copy of the repository holding a freshly trained model, and
-checks it end to end: the API classifies real MNIST images, TorchServe gives the same labels, and
-Prometheus scrapes both. Tears everything down and leaves no container behind.
+stack up with podman-compose in a copy of the repository holding a freshly trained model and the
+MNIST test split, two API replicas behind the nginx proxy (``--scale api=2``) and one audit
+worker, and checks it end to end: the API classifies real MNIST images through the proxy,
+TorchServe gives the same labels, an audit submitted through the proxy is run by the worker and
+read back through the proxy from both replicas, and Prometheus scrapes every replica, the worker
+and TorchServe. Tears everything down and leaves no container behind.
 
 Needs root (rootful podman) and the packages of ``make deploy-deps``.
 """
@@ -21,17 +24,23 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.launch import REPO, free_port, http_status
 from training.card import load_model
 from training.config import load_config
+from training.data import resolve_data_dir
 from training.export import export_run
 from training.train import run_training
 
-pytestmark = pytest.mark.deploy
+# A cold build of every image (no layer cached, apt and pip inside) takes longer than the suite's
+# default 900 s per test on a busy 2-core machine.
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(2400)]
 
 PROJECT = "ercdeploy"
+TOKEN = "deploy-test-token"
+REPLICAS = 2
 # What the images are built from (the rest of the repository stays out of the build context).
 CONTEXT = [
     "pyproject.toml",
@@ -88,9 +97,15 @@ def context(tmp_path_factory: pytest.TempPathFactory, podman) -> Path:
         )
     )
     export_run(runs / "m", "mnist-er", ctx / "model_store", eval_n=500, device="cpu")
+    # MNIST for the audit worker's test split (./data is mounted at /data in audit-worker).
+    mnist = ctx / "data" / "mnist"
+    mnist.mkdir(parents=True)
+    for src in resolve_data_dir("mnist").glob("*.gz"):
+        shutil.copyfile(src, mnist / src.name)
     (ctx / "docker" / "erc.env").write_text(
         (REPO / "docker" / "erc.env.example").read_text()
-        + "ERC_ADMIN_TOKEN=deploy-test-token\nERC_TORCH_THREADS=1\n"
+        + f"ERC_ADMIN_TOKEN={TOKEN}\nERC_TORCH_THREADS=1\nERC_AUDIT_THREADS=1\n"
+        + "ERC_AUDIT_DB_PASSWORD=deploy-test-db-password\n"
     )
     return ctx
 
@@ -102,8 +117,10 @@ def stack(podman, context: Path) -> Iterator[dict[str, object]]:
     compose = ["podman-compose", "-p", PROJECT]
     podman.run(["docker-compose", "config", "-q"], context, **port)  # schema check (podman-compose has none)
     try:
-        podman.timed("build_s", [*compose, "build"], context, **port)
-        podman.timed("up_s", [*compose, "up", "-d"], context, **port)
+        # Builds on the host's network: the Debian images install packages with apt, and this
+        # machine's resolver does not answer containers on podman's bridge (docs/deploy.md).
+        podman.timed("build_s", [*compose, "--podman-build-args=--network=host", "build"], context, **port)
+        podman.timed("up_s", [*compose, "up", "-d", "--scale", f"api={REPLICAS}"], context, **port)
         up_at = time.perf_counter()
         url = f"http://127.0.0.1:{api_port}"
         t0 = time.perf_counter()
@@ -114,7 +131,9 @@ def stack(podman, context: Path) -> Iterator[dict[str, object]]:
         yield {"url": url, "ctx": context, "up_at": up_at}
     finally:
         subprocess.run(
-            [*compose, "down", "-v"],
+            # --remove-orphans: podman-compose's down knows one container per service, not the
+            # scaled replicas; this removes every container labelled with the project.
+            [*compose, "down", "-v", "--remove-orphans"],
             env={**podman.env, **port},
             cwd=context,
             capture_output=True,
@@ -124,8 +143,8 @@ def stack(podman, context: Path) -> Iterator[dict[str, object]]:
     assert podman.project_containers(PROJECT) == [], "podman-compose down left containers behind"
 
 
-def _name(service: str) -> str:
-    return f"{PROJECT}_{service}_1"
+def _name(service: str, replica: int = 1) -> str:
+    return f"{PROJECT}_{service}_{replica}"
 
 
 def test_api_classifies_real_mnist_images_like_the_model_in_process(stack, mnist_sample) -> None:
@@ -185,26 +204,79 @@ def test_torchserve_answers_the_same_label(podman, stack, mnist_sample) -> None:
     assert ts_label == api_label
 
 
-def test_prometheus_scrapes_both_targets(podman, stack) -> None:
+def test_an_audit_through_the_proxy_runs_on_the_worker_and_any_replica_answers(podman, stack) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    audit = {
+        "model": "mnist-er",
+        "data": {"n": 50},
+        "eps": [0.1],
+        "attacks": [{"name": "fgsm"}],
+        "checks": False,
+    }
+    with httpx.Client(base_url=stack["url"], headers=auth, timeout=60) as c:
+        r = c.post("/admin/audits", json=audit)
+        assert r.status_code == 202, r.text
+        audit_id = r.json()["id"]
+        t0 = time.perf_counter()
+        deadline = time.time() + 300
+        while (body := c.get(f"/admin/audits/{audit_id}").json())["status"] != "done":
+            assert body["status"] in ("queued", "running") and time.time() < deadline, body
+            time.sleep(0.5)
+        podman.timings["audit_through_proxy_s"] = round(time.perf_counter() - t0, 1)
+        assert body["result"]["data"] == {
+            "source": "test",
+            "dataset": "mnist",
+            "split": "test",
+            "n": 50,
+            "seed": 0,
+        }
+        assert body["attempts"] == 1
+        report = c.get(f"/admin/audits/{audit_id}/report")
+        assert report.status_code == 200 and "Robustness audit: mnist-er" in report.text
+        for _ in range(4):  # a few more reads: the proxy spreads them over the replicas
+            assert c.get(f"/admin/audits/{audit_id}").status_code == 200
+    code = (
+        "import urllib.request\n"
+        "m = urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode()\n"
+        "print(sum(float(l.rsplit(' ', 1)[1]) for l in m.splitlines()"
+        " if l.startswith('erc_http_requests_total{') and 'route=\"/admin/audits/{audit_id}\"' in l))\n"
+    )
+    served = [float(podman.exec_python(_name("api", i), code)) for i in range(1, REPLICAS + 1)]
+    assert all(n > 0 for n in served), f"reads of the audit per replica: {served}"
+    # The replicas never attacked: the worker ran the audit's process.
+    assert 'erc_audit_attempts_total{outcome="done"} 1.0' in podman.exec_python(
+        _name("audit-worker"),
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9101/metrics').read().decode())",
+    )
+
+
+def test_prometheus_scrapes_every_replica_the_worker_and_torchserve(podman, stack) -> None:
     code = (
         "import json, urllib.request\n"
         "t = json.load(urllib.request.urlopen('http://prometheus:9090/api/v1/targets'))['data']['activeTargets']\n"
         "q = json.load(urllib.request.urlopen('http://prometheus:9090/api/v1/query?query=erc_http_requests_total'))\n"
-        "print(json.dumps({'health': {x['labels']['job']: x['health'] for x in t}, 'samples': len(q['data']['result'])}))\n"
+        "print(json.dumps({'health': sorted([x['labels']['job'], x['health']] for x in t), 'samples': len(q['data']['result'])}))\n"
     )
+    expected = [["erc-api", "up"]] * REPLICAS + [["erc-audit-worker", "up"], ["torchserve", "up"]]
     deadline = time.time() + 120
     while True:
         state = json.loads(podman.exec_python(_name("api"), code))
-        if state["health"] == {"erc-api": "up", "torchserve": "up"} and state["samples"] > 0:
+        if state["health"] == expected and state["samples"] > 0:
             break
         assert time.time() < deadline, state
         time.sleep(2)
 
 
 def test_containers_are_hardened_and_healthy(podman, stack) -> None:
-    assert podman.run(["podman", "exec", _name("api"), "id", "-u"]).strip() == "10001"
+    for i in range(1, REPLICAS + 1):
+        assert podman.run(["podman", "exec", _name("api", i), "id", "-u"]).strip() == "10001"
+        assert podman.ok(["podman", "healthcheck", "run", _name("api", i)])
+    assert podman.run(["podman", "exec", _name("audit-worker"), "id", "-u"]).strip() == "10001"
     assert podman.run(["podman", "exec", _name("torchserve"), "id", "-u"]).strip() == "10002"
-    assert podman.ok(["podman", "healthcheck", "run", _name("api")])
+    assert podman.run(["podman", "exec", _name("proxy"), "id", "-un"]).strip() == "www-data"
+    assert podman.run(["podman", "exec", _name("postgres"), "id", "-un"]).strip() == "postgres"
+    for service in ("audit-worker", "proxy", "postgres"):
+        assert podman.ok(["podman", "healthcheck", "run", _name(service)]), service
     ports = podman.run(["podman", "port", "-a"])
     published = [ln for ln in ports.splitlines() if "->" in ln]
-    assert len(published) == 1 and "8080/tcp" in published[0], ports  # only the API is published
+    assert len(published) == 1 and "8080/tcp" in published[0], ports  # only the proxy is published

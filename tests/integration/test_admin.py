@@ -30,7 +30,7 @@ def admin_server(model_store, tmp_path_factory, start_server_fn):
         ERC_ADMIN_TOKEN=TOKEN,
         ERC_MODELS="tiny,big",
         ERC_DEFAULT_MODEL="tiny",
-        ERC_AUDIT_DIR=str(tmp_path_factory.mktemp("audits")),
+        ERC_AUDIT_DB=f"sqlite:///{tmp_path_factory.mktemp('audits')}/audits.db",
         ERC_AUDIT_MAX_QUEUED="1",
         ERC_AUDIT_MAX_N="2000",
         ERC_AUDIT_MAX_WORK="3e6",
@@ -120,9 +120,17 @@ def test_audit_end_to_end(admin_server, tmp_path: Path, screenshot_html) -> None
         report = c.get(f"/admin/audits/{audit_id}/report", headers=AUTH)
         assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
         assert "Robustness audit: tiny" in report.text and "data:image/png;base64," in report.text
-        metrics = c.get("/metrics").text
-    assert 'erc_audit_robust_accuracy{attack="union",eps="0.3",model="tiny"}' in metrics
+        # The store's gauges are a snapshot refreshed every ERC_AUDIT_HEARTBEAT_S (a scrape never
+        # waits on the database).
+        deadline = time.time() + 30
+        while 'erc_audit_robust_accuracy{attack="union",eps="0.3",model="tiny"}' not in (
+            metrics := c.get("/metrics").text
+        ):
+            assert time.time() < deadline, metrics[-3000:]
+            time.sleep(0.5)
     assert 'erc_audits_total{status="done"}' in metrics
+    assert "erc_audit_store_up 1.0" in metrics and "erc_audit_queue_depth 0.0" in metrics
+    assert 'erc_audit_attempts_total{outcome="done"}' in metrics
     screenshot_html(report.text, tmp_path)
 
 

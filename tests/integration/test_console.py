@@ -52,7 +52,7 @@ def console_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory, 
         ERC_MODELS="tiny",
         ERC_DEFAULT_MODEL="tiny",
         ERC_ADMIN_TOKEN=TOKEN,
-        ERC_AUDIT_DIR=str(tmp_path_factory.mktemp("audits")),
+        ERC_AUDIT_DB=f"sqlite:///{tmp_path_factory.mktemp('audits')}/audits.db",
         ERC_AUDIT_MAX_N="500",
         ERC_EMBEDDING_MAP_N="500",
     )

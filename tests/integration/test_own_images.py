@@ -140,7 +140,7 @@ def own_server(own: dict, tmp_path_factory: pytest.TempPathFactory, start_server
         own["store"],
         tmp_path_factory.mktemp("logs"),
         ERC_ADMIN_TOKEN=TOKEN,
-        ERC_AUDIT_DIR=str(own["base"] / "audits"),
+        ERC_AUDIT_DB=f"sqlite:///{own['base']}/audits.db",
         ERC_CACHE_DIR=own["env"]["ERC_CACHE_DIR"],
         ERC_MAX_INSTANCES="32",
     )

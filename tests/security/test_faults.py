@@ -405,7 +405,7 @@ def test_audit_ids_are_128_bit_random_hex(tmp_path: Path) -> None:
     from service.audit.jobs import AuditManager
     from service.settings import Settings
 
-    manager = AuditManager(Settings(audit_dir=tmp_path))
+    manager = AuditManager(Settings(audit_db=f"sqlite:///{tmp_path}/audits.db"))
     ids = [manager.new_id() for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)

@@ -60,7 +60,7 @@ def fuzz_server(
         ERC_MAX_INSTANCES="8",
         ERC_MAX_BODY_BYTES=str(256 * 1024),
         # Fuzzed audits stay small: few samples, little work, at most one waiting behind the running one.
-        ERC_AUDIT_DIR=str(tmp_path_factory.mktemp("audits")),
+        ERC_AUDIT_DB=f"sqlite:///{tmp_path_factory.mktemp('audits')}/audits.db",
         ERC_AUDIT_MAX_N="50",
         ERC_AUDIT_MAX_WORK="20000",
         ERC_AUDIT_MAX_QUEUED="1",

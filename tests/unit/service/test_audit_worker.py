@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-def _job(store: Path, out: Path, sha: str) -> dict:
+def _job(store: Path, sha: str) -> dict:
     return {
         "id": "a" * 32,
-        "out_dir": str(out),
         "model_dir": str(store / "m"),
         "weights_sha256": sha,
         "device": "cpu",
@@ -59,32 +59,36 @@ def _job(store: Path, out: Path, sha: str) -> dict:
 
 def _messages(job: dict) -> list:
     parent, child = multiprocessing.Pipe(duplex=False)
-    worker.main(job, child)  # in-process: the same code the spawned process runs
+    # In-process, in a thread: the same code the spawned process runs. The result and the report
+    # travel through the pipe, far beyond its buffer, so they are read while the worker writes.
+    run = threading.Thread(target=worker.main, args=(job, child))
+    run.start()
     out = []
     while True:
         try:
             out.append(parent.recv())
         except EOFError:  # the worker closed its end: everything has been read
+            run.join()
             return out
 
 
-def test_refuses_other_weights_than_those_served(store: Path, tmp_path: Path) -> None:
-    msgs = _messages(_job(store, tmp_path, "0" * 64))
+def test_refuses_other_weights_than_those_served(store: Path) -> None:
+    msgs = _messages(_job(store, "0" * 64))
     assert msgs[-1][0] == "failed" and "changed on disk" in msgs[-1][1]
-    assert not list(tmp_path.glob("*.json")), "nothing written for a refused audit"
+    assert [m[0] for m in msgs] == ["failed"], "no result for a refused audit"
 
 
-def test_writes_json_and_html(store: Path, tmp_path: Path) -> None:
+def test_hands_back_the_result_and_the_report(store: Path) -> None:
     import json
 
     from training.card import read_card
 
-    msgs = _messages(_job(store, tmp_path, read_card(store / "m").weights_sha256))
-    kind, paths = msgs[-1][0], msgs[-1][1]
+    msgs = _messages(_job(store, read_card(store / "m").weights_sha256))
+    kind, result_json, html = msgs[-1]
     assert kind == "done", msgs[-1]
-    result = json.loads(Path(paths["json"]).read_text())
+    result = json.loads(result_json)
     assert result["id"] == "a" * 32 and result["clean"]["n"] == 40
-    assert Path(paths["html"]).read_text().startswith("<!doctype html>")
+    assert html.startswith("<!doctype html>") and len(html) > 65536, "larger than a pipe's buffer"
 
 
 def test_audit_work_counts_eps_levels_and_attack_costs() -> None:
