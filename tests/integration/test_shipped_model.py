@@ -90,3 +90,20 @@ def test_the_shipped_typicality_score_separates_fashion_from_digits() -> None:
     clothes = typ.scores(embed(model, load_split("fashion-mnist", "test", n=300, seed=0).images))
     assert auroc(digits["mahalanobis"], clothes["mahalanobis"]) > 0.9
     assert digits["atypical"].mean() < 0.12 and clothes["atypical"].mean() > 0.6
+
+
+def test_the_card_has_the_standard_suite_and_leads_with_the_worst_case() -> None:
+    """The shipped card holds AutoAttack's standard suite at the training eps on >= 1,000 test
+    images, and its headline is the lowest robust accuracy of every figure at that eps (issue 15)."""
+    card = json.loads((MODEL / "card.json").read_text())
+    train_eps = read_card(MODEL).train_eps
+    assert train_eps == 0.3
+    at_train_eps = [m for m in card["metrics"] if m["metric"] == "robust_accuracy" and m["eps"] == train_eps]
+    suites = [m for m in at_train_eps if m["attack"]["name"] == "autoattack"]
+    assert suites and max(m["n"] for m in suites) >= 1000, [m["attack"]["name"] for m in at_train_eps]
+    (suite,) = [m for m in suites if m["n"] == max(s["n"] for s in suites)]
+    assert [a["name"] for a in suite["attack"]["attacks"]] == ["apgd", "apgd-t", "fab-t", "square"]
+    assert suite["weights_sha256"] == card["weights_sha256"]
+    worst = min(m["value"] for m in at_train_eps)
+    assert card["headline"]["value"] == worst and card["headline"]["eps"] == train_eps
+    assert card["headline"]["worst_of"] == len(at_train_eps)
