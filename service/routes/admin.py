@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, Response
 
 from service.audit.engine import AuditSpec
 from service.audit.jobs import AuditManager
+from service.audit.report import csp as report_csp
 from service.audit.runner import checks_cost, default_eps
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
 from service.http import json_response
@@ -264,7 +265,8 @@ async def audit_report(audit_id: str, request: Request) -> Response:
     _, html = await run_in_threadpool(audits(request).result, audit_id)
     if html is None:  # deleted between the two reads (ERC_AUDIT_KEEP)
         raise NotFound(f"no audit {audit_id!r}", code="audit_not_found")
-    return HTMLResponse(html)
+    headers = {"Content-Security-Policy": report_csp(), "X-Content-Type-Options": "nosniff"}
+    return HTMLResponse(html, headers=headers)
 
 
 @router.delete("/audits/{audit_id}", responses=error_responses(401, 404, 409, 503), summary="Cancel an audit")

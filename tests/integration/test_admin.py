@@ -12,6 +12,8 @@ import httpx
 import psutil
 import pytest
 
+from service.audit.report import style_hash
+
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SMALL = {
@@ -120,6 +122,10 @@ def test_audit_end_to_end(admin_server, tmp_path: Path, screenshot_html) -> None
         report = c.get(f"/admin/audits/{audit_id}/report", headers=AUTH)
         assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
         assert "Robustness audit: tiny" in report.text and "data:image/png;base64," in report.text
+        # Served under a strict CSP that still lets its own style block and inline PNGs through.
+        policy = report.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "img-src data:" in policy
+        assert style_hash() in policy and "<script" not in report.text
         # The store's gauges are a snapshot refreshed every ERC_AUDIT_HEARTBEAT_S (a scrape never
         # waits on the database).
         deadline = time.time() + 30

@@ -54,6 +54,9 @@ def console_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory, 
         ERC_ADMIN_TOKEN=TOKEN,
         ERC_AUDIT_DB=f"sqlite:///{tmp_path_factory.mktemp('audits')}/audits.db",
         ERC_AUDIT_MAX_N="500",
+        # Progress reaches the job store at every heartbeat: often enough that the page (polling
+        # every second) sees a few-second audit move on a quiet machine too.
+        ERC_AUDIT_HEARTBEAT_S="0.3",
         ERC_EMBEDDING_MAP_N="500",
     )
     yield srv
