@@ -116,8 +116,9 @@ def test_native_stack_replicas_worker_proxy_and_prometheus(
         while time.time() < deadline:
             targets = _get(f"{stack.prometheus_url}/api/v1/targets")["data"]["activeTargets"]
             health = sorted((t["labels"]["job"], t["health"]) for t in targets)
+            # Every process exports the gauge; only those running a worker set it above 0.
             workers = _get(
-                f"{stack.prometheus_url}/api/v1/query?query=erc_audit_worker_heartbeat_timestamp_seconds"
+                f"{stack.prometheus_url}/api/v1/query?query=erc_audit_worker_heartbeat_timestamp_seconds%3E0"
             )
             if (
                 health
@@ -137,7 +138,7 @@ def test_native_stack_replicas_worker_proxy_and_prometheus(
             ("erc-audit-worker", "up"),
             ("torchserve", "up"),
         ]
-        assert workers["data"]["result"][0]["metric"]["job"] == "erc-audit-worker"
+        assert {r["metric"]["job"] for r in workers["data"]["result"]} == {"erc-audit-worker"}, workers
     finally:
         stack.stop()
     assert stack.prometheus is not None and stack.prometheus.poll() is not None
