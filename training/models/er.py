@@ -30,7 +30,7 @@ from torch import nn
 
 from training.models import register_model
 from training.models.base import EmbeddingClassifier, GaussianEncoder
-from training.models.layers import GaussianNoise, Normalize, scaled
+from training.models.layers import Conv2d, GaussianNoise, Normalize, scaled
 
 
 def _normalize(mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize | None:
@@ -69,7 +69,7 @@ def _dcgan_body(in_chans: int, chans: Sequence[int]) -> list[nn.Module]:
     layers: list[nn.Module] = []
     prev = in_chans
     for i, c in enumerate(chans):
-        layers.append(nn.Conv2d(prev, c, kernel_size=4, stride=2, padding=1, bias=False))
+        layers.append(Conv2d(prev, c, kernel_size=4, stride=2, padding=1, bias=False))
         if i > 0:
             layers.append(nn.BatchNorm2d(c))
         layers.append(nn.ReLU(inplace=True))
