@@ -94,9 +94,15 @@ def mnist_pngs(n: int) -> tuple[list[bytes], np.ndarray]:
     return out, test.images.numpy()
 
 
-def rss_bytes(pid: int) -> int:
+def _tree(pid: int | list[int]) -> list[int]:
+    """``pid`` (or each of several) and all its descendants."""
+    roots = pid if isinstance(pid, list) else [pid]
+    return [p for root in roots for p in (root, *children(root))]
+
+
+def rss_bytes(pid: int | list[int]) -> int:
     total = 0
-    for p in [pid, *children(pid)]:
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/status") as fh:
                 m = re.search(r"VmRSS:\s+(\d+) kB", fh.read())
@@ -118,7 +124,7 @@ def children(pid: int) -> list[int]:
 class RssSampler:
     """Peak RSS of a process tree, sampled every ``interval`` seconds in a thread."""
 
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
+    def __init__(self, pid: int | list[int], interval: float = 0.5) -> None:
         self.pid, self.interval, self.peak = pid, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -135,6 +141,71 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _thread_cpu(pid: int | list[int]) -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds (user + system) of every thread of ``pid`` and its descendants:
+    (process id, thread id) -> (process name, seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for p in _tree(pid):
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{p}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
+            out[(p, int(tid))] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+class CpuMeter:
+    """Where the CPU went during a load run: seconds of CPU per request, split by consumer.
+
+    The server's process tree is read from /proc per thread; ``loop_pid``'s main thread (an
+    ``erc serve`` process: the thread running the event loop) is reported apart from its other
+    threads (the inference thread and torch's OpenMP threads); other processes by name (TorchServe:
+    ``java`` frontend, ``python`` workers). The load generator is this process's waited-for
+    children (wrk). ``idle`` is what is left of all cores over the run's wall time.
+    """
+
+    def __init__(self, pid: int | list[int], loop_pids: tuple[int, ...] = ()) -> None:
+        self.pid, self.loop_pids = pid, loop_pids
+
+    def __enter__(self) -> CpuMeter:
+        import resource
+
+        self._t0 = time.perf_counter()
+        self._threads0 = _thread_cpu(self.pid)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._wrk0 = ru.ru_utime + ru.ru_stime
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import resource
+
+        self.wall = time.perf_counter() - self._t0
+        after = _thread_cpu(self.pid)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.split: dict[str, float] = {"load_generator": ru.ru_utime + ru.ru_stime - self._wrk0}
+        for (p, tid), (comm, secs) in after.items():
+            used = secs - self._threads0.get((p, tid), (comm, 0.0))[1]
+            key = comm  # erc serve: the event loop's thread apart from the others
+            if p in self.loop_pids:
+                key = "event_loop" if tid == p else "inference_threads"
+            self.split[key] = self.split.get(key, 0.0) + used
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        capacity = self.wall * (os.cpu_count() or 1)
+        used = sum(self.split.values())
+        out = {k: round(v / requests * 1e3, 3) for k, v in sorted(self.split.items())}
+        out["idle"] = round(max(0.0, capacity - used) / requests * 1e3, 3)
+        return out
 
 
 def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:

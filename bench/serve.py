@@ -4,27 +4,37 @@
 1. in-process forward throughput at the service's max batch (the limit) and batch-1 latency;
 2. the HTTP service (``erc serve``) at 1 and at N concurrent clients (wrk, loopback), cold start,
    resident memory at rest and its peak under load;
-3. TorchServe serving the same weights through the project's handler, in its best measured
-   configuration (one worker, batches of up to 32, 5 ms delay, 2 torch threads), same load.
+3. TorchServe serving the same weights through the project's handler, in the best of its
+   configurations on this machine (one worker with all torch threads, or one worker per core
+   with one thread each; batches of up to 32, 5 ms delay), picked by a first run of each.
+
+Each server is warmed up at N clients (``--warmup`` s) before the repeats, so that TorchServe's JVM
+is level; every run reports where the CPU went (ms of CPU per request: the event loop, the
+inference threads, TorchServe's frontend and workers, the load generator, idle).
 
 Every HTTP request carries one of 64 real MNIST test PNGs, round-robin, as a raw ``image/png``
 body; before the load each server's labels are checked against the in-process model's.
 The last output line is JSON with all figures and the ratios.
 
-    python bench/serve.py                    # ~4 minutes on 2 cores
+    python bench/serve.py                    # ~7 minutes on 2 cores
     python bench/serve.py --seconds 10 --repeats 1 --skip-torchserve   # quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -32,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
+    CpuMeter,
     RssSampler,
     bench_model,
     check_labels,
@@ -47,6 +58,7 @@ from _common import (
 )
 
 from service.inference import InferenceEngine
+from service.launch import http_status
 
 
 def in_process(engine: InferenceEngine, max_batch: int, threads: int, seconds: float) -> dict:
@@ -75,6 +87,41 @@ def in_process(engine: InferenceEngine, max_batch: int, threads: int, seconds: f
     }
 
 
+def wait_all_ready(url: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 120.0) -> None:
+    """Until every process of the group has logged uvicorn's startup line (a request to the shared
+    port reaches one of them at random) and the port answers ``/readyz``."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a server process exited: {[p.returncode for p in procs]}")
+        started = all("Application startup complete" in log.read_text(errors="replace") for log in logs)
+        if started and http_status(url + "/readyz") == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"server processes not ready in {timeout:.0f} s")
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_workers(ts, name: str, workers: int, timeout: float = 180.0) -> None:
+    """Until all ``workers`` of the model are READY (``wait_ready`` returns with the first)."""
+    ts.wait_ready(name)
+    deadline = time.perf_counter() + timeout
+    while sum(w.get("status") == "READY" for w in ts.model_status(name)) < workers:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"TorchServe: {workers} workers not ready in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=str(REPO / "model_store"))
@@ -85,7 +132,16 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20.0, help="per load run at N clients (1 client: half)")
     ap.add_argument("--repeats", type=int, default=3, help="load runs per server; medians reported")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds at N clients per server, before")
     ap.add_argument("--skip-torchserve", action="store_true")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="also measure N service processes sharing the port (SO_REUSEPORT), each with threads/N "
+        "torch threads (0: skip)",
+    )
+    ap.add_argument("--more-clients", type=int, default=64, help="a further load level per repeat (0: skip)")
     args = ap.parse_args()
     if not wrk_available():
         log("wrk is needed: apt-get install wrk")
@@ -112,6 +168,7 @@ def main() -> int:
 
     # -- ours ----------------------------------------------------------------------------------
     srv = start_erc(store, env, workdir)
+    atexit.register(srv.stop)  # also when a later step fails (stopping twice is harmless)
     ours: dict = {
         "cold_start_s": round(srv.started_s, 2),
         "rss_ready_mb": round(rss_bytes(srv.proc.pid) / 2**20, 1),
@@ -133,6 +190,53 @@ def main() -> int:
         "stop": srv.stop,
     }
 
+    # -- the service as N processes on one port (SO_REUSEPORT), measured beside the one process ---
+    if args.processes > 1:
+        port = free_port()
+        environ = {
+            **os.environ,
+            **env,
+            "ERC_MODEL_STORE": str(store),
+            "ERC_TORCH_THREADS": str(max(1, args.threads // args.processes)),
+            "PYTHONPATH": str(REPO),
+        }
+        t0 = time.perf_counter()
+        logs = [workdir / f"reuseport-{i}.log" for i in range(args.processes)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(REPO / "bench" / "_reuseport_server.py"), str(port)],
+                env=environ,
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("wb"),
+            )
+            for log in logs
+        ]
+        atexit.register(stop_all, procs)
+        url = f"http://127.0.0.1:{port}"
+        wait_all_ready(url, procs, logs)
+        multi: dict = {
+            "cold_start_s": round(time.perf_counter() - t0, 2),
+            "config": {"processes": args.processes, "torch_threads": int(environ["ERC_TORCH_THREADS"])},
+        }
+        with httpx.Client(base_url=url, timeout=30) as c:
+            multi["label_mismatches"] = check_labels(
+                lambda png: c.post(
+                    f"/v1/models/{name}:predict", content=png, headers={"content-type": "image/png"}
+                ),
+                pngs,
+                expected,
+            )
+        pids = [p.pid for p in procs]
+        multi["rss_ready_mb"] = round(rss_bytes(pids) / 2**20, 1)
+        servers[f"erc_x{args.processes}"] = {
+            "url": url,
+            "path": f"/v1/models/{name}:predict",
+            "auth": "",
+            "info": multi,
+            "pid": pids,
+            "stop": lambda: stop_all(procs),
+        }
+
     # -- TorchServe ------------------------------------------------------------------------------
     if not args.skip_torchserve:
         from service import torchserve
@@ -140,35 +244,70 @@ def main() -> int:
 
         mar_store = workdir / "mar"
         package_model(store, name, out_dir=mar_store)
-        ts_ports = (free_port(), free_port(), free_port())
-        t0 = time.perf_counter()
-        ts = torchserve.start(
-            workdir / "torchserve",
-            model_store=mar_store,
-            models={name: {"batchSize": args.max_batch, "maxBatchDelay": int(args.wait_ms)}},
-            ports=ts_ports,
-            env={"ERC_TORCH_THREADS": str(args.threads)},
-        )
-        ts.wait_ready(name)
-        ts_info: dict = {
-            "cold_start_s": round(time.perf_counter() - t0, 2),
-            "config": {
-                "workers": 1,
-                "batchSize": args.max_batch,
-                "maxBatchDelay_ms": args.wait_ms,
-                "torch_threads": args.threads,
-            },
-        }
-        auth = ts.inference_headers()["Authorization"]
-        with httpx.Client(base_url=ts.inference_url, timeout=30, headers={"Authorization": auth}) as c:
-            ts_info["label_mismatches"] = check_labels(
-                lambda png: c.post(
-                    f"/predictions/{name}", content=png, headers={"content-type": "image/png"}
-                ),
-                pngs,
-                expected,
+        cores = os.cpu_count() or 1
+        configs = [(1, args.threads)] + ([(cores, 1)] if cores > 1 else [])
+
+        def tmp_dir(workers: int) -> Path:
+            path = workdir / f"torchserve-{workers}w-tmp-{time.monotonic_ns()}"
+            path.mkdir(parents=True)
+            return path
+
+        def start_torchserve(workers: int, threads: int) -> tuple[Any, dict, str]:
+            t0 = time.perf_counter()
+            ts = torchserve.start(
+                workdir / f"torchserve-{workers}w",
+                model_store=mar_store,
+                models={
+                    name: {
+                        "batchSize": args.max_batch,
+                        "maxBatchDelay": int(args.wait_ms),
+                        "minWorkers": workers,
+                        "maxWorkers": workers,
+                    }
+                },
+                ports=(free_port(), free_port(), free_port()),
+                # TorchServe refuses to start while the pid file of the last one (in TMPDIR) names a
+                # live process: the previous configuration's JVM may still be exiting.
+                env={"ERC_TORCH_THREADS": str(threads), "TMPDIR": str(tmp_dir(workers))},
             )
-        ts_info["rss_ready_mb"] = round(rss_bytes(ts.proc.pid) / 2**20, 1)
+            atexit.register(ts.stop)
+            wait_workers(ts, name, workers)
+            info: dict = {
+                "cold_start_s": round(time.perf_counter() - t0, 2),
+                "config": {
+                    "workers": workers,
+                    "batchSize": args.max_batch,
+                    "maxBatchDelay_ms": args.wait_ms,
+                    "torch_threads": threads,
+                },
+            }
+            auth = ts.inference_headers()["Authorization"]
+            with httpx.Client(base_url=ts.inference_url, timeout=30, headers={"Authorization": auth}) as c:
+                info["label_mismatches"] = check_labels(
+                    lambda png: c.post(
+                        f"/predictions/{name}", content=png, headers={"content-type": "image/png"}
+                    ),
+                    pngs,
+                    expected,
+                )
+            info["rss_ready_mb"] = round(rss_bytes(ts.proc.pid) / 2**20, 1)
+            run_wrk(ts.inference_url, f"/predictions/{name}", pngs, args.clients, args.warmup, auth)
+            return ts, info, auth
+
+        # TorchServe runs one instance per machine: each configuration in turn, then the best again.
+        trials = []
+        for workers, threads in configs:
+            ts, info, auth = start_torchserve(workers, threads)
+            trial = run_wrk(ts.inference_url, f"/predictions/{name}", pngs, args.clients, args.seconds, auth)
+            ts.stop()
+            log(f"  TorchServe {workers} worker(s) x {threads} thread(s): {trial.rps} req/s")
+            trials.append((trial.rps, workers, threads, info["label_mismatches"]))
+        result["torchserve_configs"] = [
+            {"workers": w, "torch_threads": t, "rps": rps, "label_mismatches": bad}
+            for rps, w, t, bad in trials
+        ]
+        _, workers, threads, _ = max(trials)
+        ts, ts_info, auth = start_torchserve(workers, threads)
         servers["torchserve"] = {
             "url": ts.inference_url,
             "path": f"/predictions/{name}",
@@ -180,25 +319,40 @@ def main() -> int:
 
     # -- load: every repeat measures the in-process limit and then each server, so that the drift of
     # a shared machine hits all of them; ratios are taken within a repeat, then the median.
-    runs: dict[str, dict[str, list]] = {k: {"1": [], "n": []} for k in servers}
+    runs: dict[str, dict[str, list]] = {k: {"1": [], "n": [], "cpu": [], "more": []} for k in servers}
     limits: list[dict] = []
     try:
+        erc = servers["erc"]
+        run_wrk(erc["url"], erc["path"], pngs, args.clients, args.warmup, erc["auth"])  # TorchServe: above
         for rep in range(args.repeats):
             limits.append(in_process(engine, args.max_batch, args.threads, 6.0))
             log(f"  repeat {rep + 1} in-process: {limits[-1]}")
             for key, s in servers.items():
                 run_wrk(s["url"], s["path"], pngs, args.clients, 3, s["auth"])  # warm
+                pids = s["pid"] if isinstance(s["pid"], list) else [s["pid"]]
+                loop_pids = tuple(pids) if key.startswith("erc") else ()
                 with RssSampler(s["pid"]) as rss:
                     one = run_wrk(s["url"], s["path"], pngs, 1, args.seconds / 2, s["auth"])
-                    many = run_wrk(s["url"], s["path"], pngs, args.clients, args.seconds, s["auth"])
+                    with CpuMeter(s["pid"], loop_pids) as cpu:
+                        many = run_wrk(s["url"], s["path"], pngs, args.clients, args.seconds, s["auth"])
+                runs[key]["cpu"].append(cpu.per_request_ms(many.requests))
+                if args.more_clients:
+                    more = run_wrk(s["url"], s["path"], pngs, args.more_clients, args.seconds / 2, s["auth"])
+                    runs[key]["more"].append(more)
                 s["info"]["rss_peak_mb"] = max(s["info"].get("rss_peak_mb", 0), round(rss.peak / 2**20, 1))
                 # Resident memory after each repeat: growth from repeat to repeat would be a leak.
                 s["info"].setdefault("rss_after_repeat_mb", []).append(round(rss_bytes(s["pid"]) / 2**20, 1))
                 runs[key]["1"].append(one)
                 runs[key]["n"].append(many)
+                more_txt = (
+                    f" | {args.more_clients} clients {runs[key]['more'][-1].rps} req/s"
+                    if args.more_clients
+                    else ""
+                )
                 log(
                     f"  repeat {rep + 1} {key}: 1 client {one.rps} req/s p50 {one.p50_ms} ms | "
                     f"{args.clients} clients {many.rps} req/s p50 {many.p50_ms} p99 {many.p99_ms} ms"
+                    f"{more_txt} | CPU ms/request {runs[key]['cpu'][-1]}"
                 )
         for s in servers.values():
             s["info"]["rss_after_mb"] = round(rss_bytes(s["pid"]) / 2**20, 1)
@@ -206,18 +360,24 @@ def main() -> int:
         for s in servers.values():
             s["stop"]()
 
-    def median_run(rs: list) -> dict:
-        best = sorted(rs, key=lambda r: r.rps)[len(rs) // 2]
-        d = asdict(best)
+    def median_run(rs: list, cpu: list | None = None) -> dict:
+        i = sorted(range(len(rs)), key=lambda j: rs[j].rps)[len(rs) // 2]
+        d = asdict(rs[i])
         d["rps_all"] = [r.rps for r in rs]
+        # Level repeats: the spread of the three, relative to their median.
+        d["rps_spread"] = round((max(d["rps_all"]) - min(d["rps_all"])) / rs[i].rps, 3)
+        if cpu:
+            d["cpu_ms_per_request"] = cpu[i]
         return d
 
     for key, s in servers.items():
         result[key] = {
             **s["info"],
             "one_client": median_run(runs[key]["1"]),
-            f"{args.clients}_clients": median_run(runs[key]["n"]),
+            f"{args.clients}_clients": median_run(runs[key]["n"], runs[key]["cpu"]),
         }
+        if runs[key]["more"]:
+            result[key][f"{args.more_clients}_clients"] = median_run(runs[key]["more"])
     result["in_process"] = {
         **limits[len(limits) // 2],
         "images_per_s_all": [lim["images_per_s"] for lim in limits],
@@ -239,12 +399,23 @@ def main() -> int:
     if "torchserve" in runs:
         ts_n = [r.rps for r in runs["torchserve"]["n"]]
         ratios["erc_vs_torchserve"] = med([o / t for o, t in zip(ours_n, ts_n, strict=True)])
+        if runs["torchserve"]["more"]:
+            ratios[f"erc_vs_torchserve_{args.more_clients}_clients"] = med(
+                [o.rps / t.rps for o, t in zip(runs["erc"]["more"], runs["torchserve"]["more"], strict=True)]
+            )
+    multi_key = f"erc_x{args.processes}"
+    if multi_key in runs:
+        for level, tag in (("n", f"{args.clients}_clients"), ("more", f"{args.more_clients}_clients")):
+            pairs = zip(runs[multi_key][level], runs["erc"][level], strict=True)
+            if runs["erc"][level]:
+                ratios[f"{multi_key}_vs_erc_{tag}"] = med([m.rps / o.rps for m, o in pairs])
     result["ratios"] = ratios
     result["targets"] = {
-        "http_vs_in_process_limit": ">= 0.8",
+        "http_vs_in_process_limit": ">= 0.85",
         "erc_vs_torchserve": ">= 1.2",
         "one_client_p50_vs_batch1_forward": "<= 1.2",
-        "rss_mb": "< 1024",
+        f"{args.clients}_clients_p99_ms": "<= 43",
+        "rss_mb": "< 1024, no growth over the repeats",
         "cold_start_s": "< 10",
     }
     print(json.dumps(result))

@@ -10,7 +10,9 @@ Batching policy:
   request, the worker runs at once;
 - under load (the previous batch held several requests, or requests are being read and decoded
   right now) the worker keeps collecting for at most ``wait_s`` while the batch is not full, so
-  batches fill instead of alternating full and empty;
+  batches fill instead of alternating full and empty; but only while requests keep coming: when
+  none is being read or decoded and none has arrived for ``gap_s``, the batch runs at once
+  (fewer clients than ``max_batch`` would otherwise make every batch wait the whole window);
 - the queue is bounded (``max_queue`` rows): a full queue raises :class:`QueueFull` (HTTP 503 with
   Retry-After) at once, never an unbounded wait; a request also gives up after ``timeout_s``;
 - a failing batch is retried request by request, so an error reaches only the request that
@@ -65,6 +67,7 @@ class Batcher:
         *,
         max_batch: int = 32,
         wait_s: float = 0.005,
+        gap_s: float = 0.003,
         max_queue: int = 256,
         timeout_s: float = 30.0,
         workers: int = 1,
@@ -76,12 +79,14 @@ class Batcher:
         self.fn = fn
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.gap_s = gap_s
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.stats = stats or BatchStats()
         self._queue: deque[_Item] = deque()
         self._rows_queued = 0
         self._pending = 0  # requests being read/decoded that will be submitted soon
+        self._last_arrival = 0.0
         self._last_batch_items = 0
         # Wake-up economy: a submit wakes a worker only when one is idle, or when the rows queued
         # complete the batch a collecting worker waits for (each needless wake-up is a GIL hand-off
@@ -152,7 +157,8 @@ class Batcher:
             if self._rows_queued + rows > self.max_queue:
                 queued, limit = self._rows_queued, self.max_queue
                 raise QueueFull(f"model {self.name!r} has {queued} images queued (limit {limit}); retry")
-            self._queue.append(_Item(x, future, loop, time.perf_counter(), rows))
+            self._last_arrival = time.perf_counter()
+            self._queue.append(_Item(x, future, loop, self._last_arrival, rows))
             self._rows_queued += rows
             depth = self._rows_queued
             if self._idle_workers or (self._rows_needed and depth >= self._rows_needed):
@@ -201,7 +207,11 @@ class Batcher:
                     if rows == before and self._queue:
                         break  # the next request does not fit: run what we have
                     continue
-                remaining = deadline - time.perf_counter()
+                # A request being read or decoded will come: wait for it up to the window. Otherwise
+                # only while arrivals keep coming (a burst of requests from clients whose answers
+                # just went out arrives well within gap_s of each other).
+                until = deadline if self._pending else min(deadline, self._last_arrival + self.gap_s)
+                remaining = until - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._rows_needed = self.max_batch - rows

@@ -91,7 +91,7 @@ class InferenceEngine:
         # On the CPU, oneDNN's convolutions run faster on NHWC tensors (measured on the paper's MNIST
         # encoder, batch 32: +17 %; docs/benchmarks.md); the weights were verified before this copy.
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
+        self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.spec = InputSpec.from_shape(card.input_shape)
         # RSE models average noisy passes: their logits come from the ensemble, the embedding
         # from one pass. Deterministic models get both from a single pass.

@@ -174,6 +174,7 @@ class ModelRegistry:
             engine.forward,
             max_batch=s.max_batch_size,
             wait_s=s.batch_wait_ms / 1000.0,
+            gap_s=s.batch_gap_ms / 1000.0,
             max_queue=s.max_queue,
             timeout_s=s.queue_timeout_s,
             workers=s.workers,

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="longest wait for a batch to fill under load"
     )
+    batch_gap_ms: float = Field(
+        3.0,
+        ge=0,
+        le=1000,
+        description="stop waiting for a batch once no request arrived for this long (none being read)",
+    )
     max_queue: int = Field(256, ge=1, description="queued rows per model before 503 + Retry-After")
     queue_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its result")
     workers: int = Field(1, ge=1, le=64, description="inference threads per model, sharing its queue")

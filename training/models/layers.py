@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._single_position(x):
-            (kh, kw), (ph, pw) = self.kernel_size, self.padding
+            (kh, kw), (ph, pw) = self.kernel_size, cast(tuple[int, int], self.padding)
             window = nn.functional.pad(x, (pw, pw, ph, ph))[..., :kh, :kw]
             if self.weight.is_contiguous():  # flatten both in (C, H, W) order: views, no copy
                 cols, weight = window.flatten(1), self.weight.flatten(1)

@@ -103,6 +103,50 @@ def test_batches_fill_under_load() -> None:
     assert sum(fn.sizes[1:]) / len(fn.sizes[1:]) >= 8, fn.sizes
 
 
+def test_fewer_clients_than_the_batch_do_not_wait_out_the_window() -> None:
+    """4 closed-loop clients, batches of up to 32, a 0.5 s window: once the 4 requests are in and
+    nothing else arrives for ``gap_s``, the batch runs (the window alone would cost 0.5 s a batch)."""
+    fn = Recorder(delay=0.002)
+    b = Batcher("t", fn, max_batch=32, wait_s=0.5, gap_s=0.005)
+    b.start()
+
+    async def client(n: int):
+        for _ in range(n):
+            await b.submit(torch.zeros(1, 2))
+
+    async def main():
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(6) for _ in range(4)))
+        return time.perf_counter() - t0
+
+    elapsed = _run(main())
+    b.stop()
+    assert sum(fn.sizes) == 24
+    assert elapsed < 1.0, (elapsed, fn.sizes)  # at least 5 batches: >= 2.5 s if each waited
+    assert max(fn.sizes) == 4, fn.sizes  # and the gap did not split the bursts
+
+
+def test_a_request_being_read_is_waited_for_beyond_the_gap() -> None:
+    fn = Recorder()
+    b = Batcher("t", fn, max_batch=32, wait_s=0.5, gap_s=0.002)
+    b.start()
+
+    async def late():
+        with b.expecting():  # reading and decoding its body takes a while
+            await asyncio.sleep(0.05)
+            return await b.submit(torch.ones(1, 2))
+
+    async def main():
+        task = asyncio.create_task(late())
+        await asyncio.sleep(0.001)
+        first = await b.submit(torch.zeros(1, 2))
+        return first, await task
+
+    _run(main())
+    b.stop()
+    assert fn.sizes == [2], fn.sizes
+
+
 def test_errors_reach_only_the_request_that_caused_them() -> None:
     fn = Recorder(delay=0.01, fail_on=13.0)
     b = Batcher("t", fn, max_batch=8, wait_s=0.02)
