@@ -86,7 +86,6 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._rows_queued = 0
         self._pending = 0  # requests being read/decoded that will be submitted soon
-        self._last_arrival = 0.0
         self._last_batch_items = 0
         # Wake-up economy: a submit wakes a worker only when one is idle, or when the rows queued
         # complete the batch a collecting worker waits for (each needless wake-up is a GIL hand-off
@@ -157,8 +156,7 @@ class Batcher:
             if self._rows_queued + rows > self.max_queue:
                 queued, limit = self._rows_queued, self.max_queue
                 raise QueueFull(f"model {self.name!r} has {queued} images queued (limit {limit}); retry")
-            self._last_arrival = time.perf_counter()
-            self._queue.append(_Item(x, future, loop, self._last_arrival, rows))
+            self._queue.append(_Item(x, future, loop, time.perf_counter(), rows))
             self._rows_queued += rows
             depth = self._rows_queued
             if self._idle_workers or (self._rows_needed and depth >= self._rows_needed):
@@ -209,8 +207,11 @@ class Batcher:
                     continue
                 # A request being read or decoded will come: wait for it up to the window. Otherwise
                 # only while arrivals keep coming (a burst of requests from clients whose answers
-                # just went out arrives well within gap_s of each other).
-                until = deadline if self._pending else min(deadline, self._last_arrival + self.gap_s)
+                # just went out arrives well within gap_s of each other). The queue is empty here,
+                # so the newest arrival is the batch's last item.
+                until = deadline
+                if batch and not self._pending:
+                    until = min(deadline, batch[-1].arrival + self.gap_s)
                 remaining = until - time.perf_counter()
                 if remaining <= 0:
                     break
