@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -167,19 +168,17 @@ def _thread_cpu(pid: int | list[int]) -> dict[tuple[int, int], tuple[str, float]
 class CpuMeter:
     """Where the CPU went during a load run: seconds of CPU per request, split by consumer.
 
-    The server's process tree is read from /proc per thread; ``loop_pid``'s main thread (an
-    ``erc serve`` process: the thread running the event loop) is reported apart from its other
-    threads (the inference thread and torch's OpenMP threads); other processes by name (TorchServe:
-    ``java`` frontend, ``python`` workers). The load generator is this process's waited-for
-    children (wrk). ``idle`` is what is left of all cores over the run's wall time.
+    The server's process tree is read from /proc per thread; the main thread of each of
+    ``loop_pids`` (``erc serve`` processes: the thread running the event loop) is reported apart
+    from their other threads (the inference thread and torch's OpenMP threads); other processes by
+    name (TorchServe: ``java`` frontend, ``python`` workers). The load generator is this process's
+    waited-for children (wrk). ``idle`` is what is left of all cores over the run's wall time.
     """
 
     def __init__(self, pid: int | list[int], loop_pids: tuple[int, ...] = ()) -> None:
         self.pid, self.loop_pids = pid, loop_pids
 
     def __enter__(self) -> CpuMeter:
-        import resource
-
         self._t0 = time.perf_counter()
         self._threads0 = _thread_cpu(self.pid)
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -187,8 +186,6 @@ class CpuMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import resource
-
         self.wall = time.perf_counter() - self._t0
         after = _thread_cpu(self.pid)
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -350,13 +347,18 @@ def run_wrk(
     )
 
 
-def check_labels(post, pngs: list[bytes], expected: list[int]) -> int:
-    """Send each image once; return how many labels differ from the in-process ones."""
+def check_labels(url: str, path: str, pngs: list[bytes], expected: list[int], auth: str = "") -> int:
+    """POST each image once as a raw ``image/png`` body to ``url + path``; return how many labels
+    differ from the in-process ones."""
+    import httpx
+
+    headers = {"content-type": "image/png", **({"Authorization": auth} if auth else {})}
     wrong = 0
-    for png, label in zip(pngs, expected, strict=True):
-        r = post(png)
-        r.raise_for_status()
-        wrong += int(r.json()["predictions"][0]["label"] != label)
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
+        for png, label in zip(pngs, expected, strict=True):
+            r = client.post(path, content=png)
+            r.raise_for_status()
+            wrong += int(r.json()["predictions"][0]["label"] != label)
     return wrong
 
 

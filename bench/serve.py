@@ -36,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -173,14 +172,7 @@ def main() -> int:
         "cold_start_s": round(srv.started_s, 2),
         "rss_ready_mb": round(rss_bytes(srv.proc.pid) / 2**20, 1),
     }
-    with httpx.Client(base_url=srv.url, timeout=30) as c:
-        ours["label_mismatches"] = check_labels(
-            lambda png: c.post(
-                f"/v1/models/{name}:predict", content=png, headers={"content-type": "image/png"}
-            ),
-            pngs,
-            expected,
-        )
+    ours["label_mismatches"] = check_labels(srv.url, f"/v1/models/{name}:predict", pngs, expected)
     servers["erc"] = {
         "url": srv.url,
         "path": f"/v1/models/{name}:predict",
@@ -218,14 +210,7 @@ def main() -> int:
             "cold_start_s": round(time.perf_counter() - t0, 2),
             "config": {"processes": args.processes, "torch_threads": int(environ["ERC_TORCH_THREADS"])},
         }
-        with httpx.Client(base_url=url, timeout=30) as c:
-            multi["label_mismatches"] = check_labels(
-                lambda png: c.post(
-                    f"/v1/models/{name}:predict", content=png, headers={"content-type": "image/png"}
-                ),
-                pngs,
-                expected,
-            )
+        multi["label_mismatches"] = check_labels(url, f"/v1/models/{name}:predict", pngs, expected)
         pids = [p.pid for p in procs]
         multi["rss_ready_mb"] = round(rss_bytes(pids) / 2**20, 1)
         servers[f"erc_x{args.processes}"] = {
@@ -282,14 +267,9 @@ def main() -> int:
                 },
             }
             auth = ts.inference_headers()["Authorization"]
-            with httpx.Client(base_url=ts.inference_url, timeout=30, headers={"Authorization": auth}) as c:
-                info["label_mismatches"] = check_labels(
-                    lambda png: c.post(
-                        f"/predictions/{name}", content=png, headers={"content-type": "image/png"}
-                    ),
-                    pngs,
-                    expected,
-                )
+            info["label_mismatches"] = check_labels(
+                ts.inference_url, f"/predictions/{name}", pngs, expected, auth
+            )
             info["rss_ready_mb"] = round(rss_bytes(ts.proc.pid) / 2**20, 1)
             run_wrk(ts.inference_url, f"/predictions/{name}", pngs, args.clients, args.warmup, auth)
             return ts, info, auth
@@ -322,8 +302,9 @@ def main() -> int:
     runs: dict[str, dict[str, list]] = {k: {"1": [], "n": [], "cpu": [], "more": []} for k in servers}
     limits: list[dict] = []
     try:
-        erc = servers["erc"]
-        run_wrk(erc["url"], erc["path"], pngs, args.clients, args.warmup, erc["auth"])  # TorchServe: above
+        for key, s in servers.items():
+            if key != "torchserve":  # TorchServe was warmed up as it started (start_torchserve)
+                run_wrk(s["url"], s["path"], pngs, args.clients, args.warmup, s["auth"])
         for rep in range(args.repeats):
             limits.append(in_process(engine, args.max_batch, args.threads, 6.0))
             log(f"  repeat {rep + 1} in-process: {limits[-1]}")
