@@ -9,6 +9,14 @@ for names: podman's own default since 4.0), so the result does not depend on wha
 happens to have; ``make deploy-deps`` installs both. The preflight proves it in a few seconds on a
 tiny image assembled from host binaries (no debootstrap, no registry) and fails at once with the
 package to install when it does not hold.
+
+Why the label and the prune: every run builds the stack from a fresh context (a newly trained
+model), so each build untags the previous run's images and leaves its build stages behind, about
+6 GB a run; after a few runs the disk filled up in the middle of a build ("no space left on device").
+Every image these tests build carries ``BUILD_LABEL``; before building and after the stack is down,
+the labelled images nothing refers to any more are pruned, which keeps one set of tagged images
+(and the layer cache under them) and touches no image that these tests did not build. A disk
+preflight fails at once, with what to free, where a build would otherwise fail ten minutes in.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ CONTAINERS_CONF = (
 # Where Debian's podman looks for its network helpers (containers.conf helper_binaries_dir).
 HELPER_DIRS = ("/usr/local/libexec/podman", "/usr/local/lib/podman", "/usr/libexec/podman", "/usr/lib/podman")
 DEPLOY_PACKAGES = "podman runc debootstrap docker-compose netavark aardvark-dns iptables"
+# Stamped on every image (and every build stage) the deploy tests build; see the module docstring.
+BUILD_LABEL = "io.erc.deploy-test=1"
+# Free space a build of the whole stack needs in podman's image store and in its temporary
+# directory: measured peak of a cold build plus margin (docs/deploy.md, "Disk").
+MIN_FREE_GIB = 12
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 1200) -> str:
@@ -139,6 +152,28 @@ def check_container_dns(env: dict[str, str], workdir: Path) -> None:
         subprocess.run(["podman", "network", "rm", "-f", network], env=env, capture_output=True)
 
 
+def prune_own_images(env: dict[str, str]) -> int:
+    """Remove the images built by these tests that no tag and no container refers to; returns how many."""
+    out = run(["podman", "image", "prune", "-f", "--filter", f"label={BUILD_LABEL}"], env, timeout=600)
+    return len(out.split())
+
+
+def check_free_disk(env: dict[str, str]) -> None:
+    """Fail, naming the directory and what to remove, unless a build of the stack has room."""
+    store = run(["podman", "info", "--format", "{{.Store.GraphRoot}}"], env).strip()
+    # Where buildah writes layers before committing them (containers.conf's image_copy_tmp_dir).
+    scratch = env.get("TMPDIR", "/var/tmp")
+    for what, path in (("podman's image store", store), ("podman's temporary directory", scratch)):
+        free = shutil.disk_usage(path).free / 2**30
+        if free < MIN_FREE_GIB:
+            pytest.fail(
+                f"{free:.1f} GiB free in {path} ({what}); building the stack's images needs about "
+                f"{MIN_FREE_GIB} GiB. `podman system df` shows what holds the space; `podman image prune` "
+                "removes images nothing refers to",
+                pytrace=False,
+            )
+
+
 def _base_image(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> float | None:
     """Build the Debian base image with debootstrap unless it exists; returns seconds spent."""
     if subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=env).returncode == 0:
@@ -164,6 +199,8 @@ def _base_image(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 
 class Podman:
     """Rootful podman with the private containers.conf: commands, compose projects, timings."""
+
+    build_label = BUILD_LABEL  # for every image a test builds: prune_own_images finds them by it
 
     def __init__(self, env: dict[str, str], timings: dict[str, float]) -> None:
         self.env = env
@@ -230,6 +267,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         "ERC_PIP_ARGS": "--no-index",
     }
     pm = Podman(env, {})
+    pm.timings["images_pruned_before"] = prune_own_images(env)  # left by an interrupted run
+    check_free_disk(env)
     t0 = time.perf_counter()
     check_container_dns(env, workdir)
     pm.timings["dns_preflight_s"] = round(time.perf_counter() - t0, 1)
@@ -237,3 +276,4 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     if seconds is not None:
         pm.timings["base_image_s"] = seconds
     yield pm
+    sys.stderr.write(f"\ndeploy tests: pruned {prune_own_images(env)} superseded images\n")

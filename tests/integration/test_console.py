@@ -11,7 +11,6 @@ import base64
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,14 +65,14 @@ def console_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory, 
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     chromium = shutil.which("chromium")
     assert chromium and Path(CHROMEDRIVER).exists(), (
         "Debian's chromium and chromium-driver (make test installs them)"
     )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in [*FLAGS, f"--user-data-dir={tempfile.mkdtemp(prefix='erc-chromium-')}"]:
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: Selenium Manager never runs, so nothing is fetched.
