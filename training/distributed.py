@@ -6,8 +6,11 @@ the CPU, and pick ``cuda:LOCAL_RANK`` as the device.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -46,6 +49,26 @@ def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker process without the interpreter's shutdown, once its work is done.
+
+    gloo's worker threads outlive ``destroy_process_group`` here (DistributedDataParallel keeps a
+    reference to the group from C++: the threads stay after the wrapper is collected), and such a
+    thread can still be freeing the last collective's tensors as the process exits. Freeing a
+    tensor made in Python takes the GIL, which a thread cannot take while the interpreter shuts
+    down: the process then aborts ("terminate called without an active exception"). A core dump of
+    the once-flaky DDP test showed exactly that (a ``pt_gloo_runloop`` thread in
+    ``ProcessGroupGloo::AsyncWork::~AsyncWork`` taking the GIL while the main thread ran
+    ``Py_FinalizeEx``); it happened in 5 of 167 two-process runs on a loaded 2-core machine.
+    Everything a run writes is closed by then, so the worker flushes its streams and logs and leaves
+    with ``os._exit``, which runs no finalizer.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
