@@ -8,6 +8,7 @@ seconds, open fds), which the benchmarks read.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,10 +64,30 @@ AUDIT_ATTEMPTS = Counter(
     "released: handed back to the queue at shutdown)",
     ["outcome"],
 )
+# Registered only by a process that runs an audit worker (export_worker_gauges): an API replica
+# exporting a heartbeat of 0 looked like a dead worker to every query without "> 0".
 AUDIT_WORKER_HEARTBEAT = Gauge(
-    "erc_audit_worker_heartbeat_timestamp_seconds", "Last heartbeat of this process's audit worker"
+    "erc_audit_worker_heartbeat_timestamp_seconds",
+    "Last heartbeat of this process's audit worker",
+    registry=None,
 )
-AUDIT_WORKER_BUSY = Gauge("erc_audit_worker_busy", "1 while this process's audit worker runs an audit")
+AUDIT_WORKER_BUSY = Gauge(
+    "erc_audit_worker_busy", "1 while this process's audit worker runs an audit", registry=None
+)
+_worker_gauges_lock = threading.Lock()
+_worker_gauges_exported = False
+
+
+def export_worker_gauges() -> None:
+    """Add the audit worker's two gauges to this process's /metrics (once; a worker calls it)."""
+    global _worker_gauges_exported
+    with _worker_gauges_lock:
+        if not _worker_gauges_exported:
+            REGISTRY.register(AUDIT_WORKER_HEARTBEAT)
+            REGISTRY.register(AUDIT_WORKER_BUSY)
+            _worker_gauges_exported = True
+
+
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
 TYPICALITY_MAHALANOBIS = Histogram(
     "erc_typicality_mahalanobis",

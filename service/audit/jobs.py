@@ -123,6 +123,7 @@ class AuditWorker:
         """Until :meth:`stop`: beat, reap lost workers' audits, claim and run the next one. A store
         that cannot be reached is retried (logged once per outage)."""
         registered, outage = False, False
+        metrics.export_worker_gauges()
         while not self.stop_event.is_set():
             try:
                 if not registered:
