@@ -60,6 +60,37 @@ class MetricsMiddleware:
             metrics.HTTP_DURATION.labels(*labels).observe(time.perf_counter() - start)
 
 
+class HeadAsGet:
+    """``HEAD`` on every ``GET`` resource (RFC 9110 9.3.2: the ``GET`` response without its body).
+
+    FastAPI's routes answer only the methods they declare, so ``HEAD /healthz`` was a 405 whose
+    ``Allow`` header listed ``HEAD``. Here a ``HEAD`` request runs as ``GET`` on a copy of the scope
+    and the body is dropped (the headers, ``Content-Length`` included, are those of the ``GET``), so
+    the OpenAPI document keeps one operation per route. The server still sees ``HEAD``; the
+    matched route is copied back for the metrics middleware around this one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, without_body)
+        finally:
+            if "route" in as_get:
+                scope["route"] = as_get["route"]
+
+
 class FastPath:
     """The inference routes without the framework's per-request machinery.
 
@@ -156,7 +187,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(attack.router)
     app.include_router(console.router)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(MetricsMiddleware)  # added last, so outermost: it sees HEAD as HEAD
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -503,6 +503,23 @@ def test_unknown_route_and_method(server) -> None:
         assert r.status_code == 405 and "error" in r.json()
 
 
+def test_head_is_get_without_the_body(server) -> None:
+    with server.client() as c:
+        for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/tiny", "/metrics", "/openapi.json"):
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == got.status_code, path
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            if path != "/metrics":  # the metrics text changes between the two requests
+                assert head.headers["content-length"] == got.headers["content-length"], path
+        r = c.head("/v1/models/nope")
+        assert r.status_code == 404 and r.content == b""
+        r = c.head("/v2/models/tiny/infer")  # POST only: neither GET nor HEAD is offered
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+        text = c.get("/metrics").text
+    assert 'erc_http_requests_total{method="HEAD",route="/healthz",status="200"}' in text
+
+
 def test_service_still_answers_correctly_after_bad_input(server, mnist_sample, reference) -> None:
     with server.client() as c:
         for bad in (b"", b"\x89PNG\r\n\x1a\n", _png_header(3000, 3000)):
