@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_training(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, from rank 0
         out(json.dumps(summary))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if summary["world_size"] > 1:
         from training.distributed import exit_worker
 
         exit_worker(0)  # gloo's threads and the interpreter's shutdown race (see exit_worker)
