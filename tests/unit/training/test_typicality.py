@@ -5,6 +5,7 @@ trip keeps every score, and export / ``erc typicality fit`` store it without tou
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -69,6 +70,71 @@ def test_card_round_trip_keeps_every_score() -> None:
         fit(z, y, z, num_classes=3, prior="gaussian", fpr=1.5)
     with pytest.raises(ValueError, match="class 3"):
         fit(z, y, z, num_classes=4, prior="gaussian")
+
+
+def _degenerate(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings no plain covariance can be inverted for."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "constant dimension":  # one coordinate never moves (a dead unit)
+        z = torch.randn(90, 4, generator=gen)
+        z[:, 2] = 1.5
+        return z, torch.arange(90) % 3
+    if kind == "fewer samples than dimensions":  # 5 images a class, 8 dimensions
+        return torch.randn(15, 8, generator=gen), torch.arange(15) % 3
+    if kind == "all equal":  # the model that learned nothing (issue 25)
+        return torch.full((60, 4), 0.25), torch.arange(60) % 3
+    if kind == "one sample in a class":
+        z = torch.randn(41, 3, generator=gen)
+        return z, torch.cat([torch.arange(40) % 2, torch.tensor([2])])
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["constant dimension", "fewer samples than dimensions", "all equal", "one sample in a class"]
+)
+def test_degenerate_embeddings_give_finite_scores_and_the_card_round_trips(kind: str) -> None:
+    z, y = _degenerate(kind)
+    typ = fit(z, y, z, num_classes=3, prior="gaussian")
+    assert np.isfinite(typ.threshold)
+    for c in typ.covariances:
+        assert np.linalg.eigvalsh(c.astype(np.float64)).min() > 0
+    probe = torch.cat([z[:10], torch.randn(10, z.shape[1]) * 3])
+    scores = typ.scores(probe)
+    assert all(np.isfinite(scores[k]).all() for k in ("mahalanobis", "prior_log_density"))
+    # What the card stores is what was fitted: read back, every score is the same number.
+    back = Typicality.from_dict(json.loads(json.dumps(typ.to_dict())))
+    again = back.scores(probe)
+    assert np.array_equal(scores["mahalanobis"], again["mahalanobis"])
+    assert np.array_equal(scores["atypical"], again["atypical"]) and back.threshold == typ.threshold
+    assert "Ledoit-Wolf" in back.info["covariance"] and len(back.info["shrinkage"]) == 3
+
+
+def test_shrinkage_is_small_with_plenty_of_data_and_large_with_little() -> None:
+    """Classes 0 and 1 are far from a multiple of the identity: thousands of samples need almost
+    no shrinkage, eight need more. Class 2's covariance is the identity: shrinking toward it is
+    right at any size (Ledoit-Wolf gives 1)."""
+    z, y = _clusters(6000, 0)
+    plenty = fit(z, y, z[:100], num_classes=3, prior="gaussian").info["shrinkage"]
+    few = fit(z[:24], y[:24], z[:24], num_classes=3, prior="gaussian").info["shrinkage"]
+    assert max(plenty[:2]) < 0.01 and min(few[:2]) > max(plenty[:2]) and plenty[2] > 0.5
+
+
+def test_a_card_that_cannot_give_finite_scores_is_refused_with_its_reason() -> None:
+    z, y = _clusters(600, 0)
+    good = fit(z, y, z[:100], num_classes=3, prior="gaussian").to_dict()
+    cases = {
+        "not positive definite": {"class_covariances": [[[0.0, 0.0], [0.0, 0.0]]] * 3},
+        "not symmetric": {"class_covariances": [[[1.0, 0.5], [0.0, 1.0]]] * 3},
+        "finite": {"threshold": float("nan")},
+        "missing class_means": {"class_means": None},
+        "unknown prior": {"prior": "laplace"},
+    }
+    for why, change in cases.items():
+        bad = {**good, **change}
+        if change.get("class_means", 0) is None:
+            del bad["class_means"]
+        with pytest.raises(ValueError, match=why.split()[-1] if why != "unknown prior" else "prior"):
+            Typicality.from_dict(bad)
 
 
 def test_auroc_is_the_mann_whitney_statistic() -> None:
