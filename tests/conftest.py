@@ -142,6 +142,44 @@ def free_port_fn():
     return free_port
 
 
+# The small image folder a new user trains first (issue 25): three RGB classes that colour alone
+# separates, a red disc, a green bar, a blue cross, on dark noise.
+SMALL_SHAPES = {"bar": (40, 200, 50), "cross": (50, 70, 230), "disc": (220, 40, 40)}
+
+
+def write_small_shapes(
+    root: Path, n_train: int = 60, n_test: int = 15, size: int = 32, seed: int = 0
+) -> Path:
+    """``root/{train,test}/{bar,cross,disc}/*.png``: ``n_train`` and ``n_test`` images a class."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, colour in SMALL_SHAPES.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 50, (size, size, 3), dtype=np.uint8))
+                draw = ImageDraw.Draw(img)
+                r = int(rng.integers(6, 11))
+                cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+                fill = tuple(int(v) for v in np.clip(np.array(colour) + rng.integers(-30, 31, 3), 0, 255))
+                if name == "disc":
+                    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+                elif name == "bar":
+                    draw.rectangle((cx - r, cy - 2, cx + r, cy + 2), fill=fill)
+                else:
+                    draw.rectangle((cx - r, cy - 1, cx + r, cy + 1), fill=fill)
+                    draw.rectangle((cx - 1, cy - r, cx + 1, cy + r), fill=fill)
+                img.save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_shapes_fn():
+    """:func:`write_small_shapes` as a fixture."""
+    return write_small_shapes
+
+
 def _screenshot(html: str, tmp_path: Path) -> None:
     """The report renders in headless Chromium (Debian's package) without a crash."""
     page = tmp_path / "report.html"

@@ -8,6 +8,7 @@ always be reproduced or resumed from what it wrote.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -30,7 +31,10 @@ class DataConfig:
     data_dir: str | None = None  # folder holding the dataset files; None searches the usual places
     train_subset: int | None = None  # train on n samples of a seeded permutation; None: the full train split
     eval_subset: int | None = 1000  # clean test accuracy after each epoch on this many test images
-    batch_size: int = 128  # global batch size, split evenly over DDP ranks
+    # Global batch size, split evenly over DDP ranks. None: 128, or for a small train set the power
+    # of two (at least 16) that gives an epoch at least 10 steps (auto_batch_size); the run's
+    # config.yaml records the number used.
+    batch_size: int | None = None
     augment: str = "none"  # "none" or "crop-flip" (4-pixel random crop + horizontal flip)
     # Image folders (folder:PATH) only:
     image_size: str | None = None  # N or WIDTHxHEIGHT every image is stretched to; None: their common size
@@ -103,6 +107,11 @@ class RunConfig:
     progress: bool = True  # tqdm progress bars (rank 0 only)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     time_limit_s: float | None = None  # stop early rather than start an epoch that would end past this
+    # After each epoch, BatchNorm's running statistics are recomputed over this many training
+    # images (a seeded draw), fed as the method trains on them (its adversarial examples under
+    # min-max), so that the evaluated and saved statistics match the weights (0: keep the running
+    # averages; they lag weights that move fast on small sets).
+    bn_recalibration_n: int = 4096
     init_from: str | None = (
         None  # start from these network weights (store model or run dir); fresh optimizers
     )
@@ -205,6 +214,20 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg
+
+
+def auto_batch_size(n: int, world_size: int = 1) -> int:
+    """``data.batch_size: null``: 128, or for fewer than 1,280 training images the largest power of
+    two of at least 16 that gives an epoch of at least 10 steps (a 180-image set trains with 16:
+    11 steps an epoch instead of one); under 16 images, all of them. Rounded down to a multiple
+    of ``world_size`` (at least ``world_size``)."""
+    if n >= 1280:
+        size = 128
+    elif n >= 16:
+        size = max(16, 2 ** math.floor(math.log2(n / 10)))
+    else:
+        size = max(n, 1)
+    return max(world_size, size - size % world_size)
 
 
 def dump_config(cfg: TrainConfig) -> str:

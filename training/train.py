@@ -26,8 +26,9 @@ from tqdm import tqdm
 from training import __version__
 from training.attacks import build_attack
 from training.checkpoint import CHECKPOINT, METRICS, atomic_write_text, load_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig, dump_config, from_dict
+from training.config import ConfigError, TrainConfig, auto_batch_size, dump_config, from_dict
 from training.data import DatasetInfo, FolderOptions, ImageSet, is_folder, load_split
+from training.diagnostics import learning_warnings
 from training.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -38,6 +39,7 @@ from training.distributed import (
 )
 from training.evaluate import robust_flags, to_unit
 from training.methods import Method, create_method
+from training.methods.base import batchnorm_layers, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,8 @@ class Trainer:
         self.train_x = train.images.to(device)
         self.train_y = train.labels.to(device)
         self.test = ImageSet(test.images.to(device), test.labels.to(device), test.info)
-        if len(train) < cfg.data.batch_size:
+        cfg = self.cfg = self._resolve_sizes(cfg, train)
+        if len(train) < self.batch_size:
             raise ConfigError(
                 f"data.batch_size: the train set has {len(train)} images, fewer than one batch of "
                 f"{cfg.data.batch_size}; give a smaller --batch-size"
@@ -165,6 +168,68 @@ class Trainer:
             self.method.model.load_state_dict(initial_weights(cfg.run.init_from, self.method))
             log.info("network weights from %s (optimizers and critic start fresh)", cfg.run.init_from)
         self.start_epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch size (``data.batch_size`` once resolved)."""
+        size = self.cfg.data.batch_size
+        if size is None:
+            raise RuntimeError("data.batch_size is resolved when the data is read")
+        return size
+
+    def _resolve_sizes(self, cfg: TrainConfig, train: ImageSet) -> TrainConfig:
+        """The choices left to the data: ``data.batch_size: null`` (:func:`auto_batch_size`) and an
+        image folder's network (:func:`~training.models.folder_arch`), logged and written into the
+        run's config, so that the run states them and a resume rebuilds the same."""
+        from training.methods import get_method
+        from training.models import folder_arch
+
+        n = len(train)
+        if cfg.data.batch_size is None:
+            size = auto_batch_size(n, self.dist.world_size)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=size))
+            steps, dropped = n // size, n % size
+            log.info(
+                "batch size %d for %d training images: %d steps an epoch, %d images (a different "
+                "draw each epoch) left out of each",
+                size,
+                n,
+                steps,
+                dropped,
+            )
+        if cfg.model.arch is None and is_folder(cfg.data.dataset):
+            arch, why = folder_arch(get_method(cfg.method.name).family, train.info.shape, n)
+            log.info("network %s: %s", arch, why)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=arch))
+        return cfg
+
+    def recalibrate_batchnorm(self, epoch: int) -> None:
+        """Recompute BatchNorm's running statistics over ``run.bn_recalibration_n`` training images
+        (a seeded draw), fed as the method trains on them; the same on every rank, and outside the
+        training random stream (resumed runs stay exact)."""
+        n = min(self.cfg.run.bn_recalibration_n, len(self.train_x))
+        if n == 0 or not batchnorm_layers(self.method.model):
+            return
+        bs = self.batch_size
+        gen = torch.Generator().manual_seed(_epoch_seed(self.cfg.run.seed, epoch, 7))
+        idx = torch.randperm(len(self.train_x), generator=gen)[:n].to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_epoch_seed(self.cfg.run.seed, epoch, 13))
+            batches = (
+                self._train_inputs(idx[s : s + bs], self.method.batchnorm_inputs) for s in range(0, n, bs)
+            )
+            recalibrate_batchnorm(self.method.model, batches)
+
+    def _train_inputs(self, idx: torch.Tensor, transform: Any = None) -> torch.Tensor:
+        """The images of ``idx`` as a training step sees them (augmented, in the memory format),
+        passed through ``transform(x, y)`` when given."""
+        x = self.train_x[idx].float().div_(255.0)
+        if self.cfg.data.augment == "crop-flip":
+            x = crop_flip(x)
+        if self.cfg.run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x if transform is None else transform(x, self.train_y[idx])
 
     def _auto_embed_dim(self, cfg: TrainConfig, train: ImageSet) -> TrainConfig:
         """``model.embed_dim: auto``: the intrinsic dimension of the training images (the same
@@ -270,6 +335,13 @@ class Trainer:
             model.train(was)
         return out
 
+    def learning_warnings(self, record: dict[str, Any]) -> list[str]:
+        """:func:`training.diagnostics.learning_warnings` on the last epoch's figures."""
+        if "test_acc" not in record:
+            return []
+        train_acc = record.get("train", {}).get("acc")
+        return learning_warnings(record["test_acc"], record["test_n"], self.info.num_classes, train_acc)
+
     # -- the loop -------------------------------------------------------------------------------
     def _past_limit(self, projected_s: float, limit_s: float) -> bool:
         """Whether the next epoch would end past the time limit, on any rank (all ranks agree)."""
@@ -300,7 +372,7 @@ class Trainer:
             epoch_t0 = time.perf_counter()
             torch.manual_seed(_epoch_seed(cfg.run.seed, epoch + 1, dist.rank))
             self.method.train(True)
-            steps = len(self.train_x) // cfg.data.batch_size
+            steps = len(self.train_x) // self.batch_size
             sums: dict[str, torch.Tensor] = {}
             t0 = time.perf_counter()
             bar = tqdm(
@@ -311,14 +383,10 @@ class Trainer:
                 unit="batch",
             )
             for i, idx in enumerate(
-                epoch_batches(len(self.train_x), cfg.data.batch_size, epoch, cfg.run.seed, dist)
+                epoch_batches(len(self.train_x), self.batch_size, epoch, cfg.run.seed, dist)
             ):
                 self.method.set_progress(epoch + i / steps)
-                x = self.train_x[idx].float().div_(255.0)
-                if cfg.data.augment == "crop-flip":
-                    x = crop_flip(x)
-                if cfg.run.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = self._train_inputs(idx)
                 metrics = self.method.train_step(x, self.train_y[idx])
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float()
@@ -327,6 +395,7 @@ class Trainer:
                     bar.set_postfix({k: f"{float(v) / (i + 1):.4f}" for k, v in sums.items()})
             bar.close()
             self.method.step_schedulers()
+            self.recalibrate_batchnorm(epoch + 1)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
@@ -338,7 +407,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
-                "images_per_s": round(steps * cfg.data.batch_size / seconds, 1),
+                "images_per_s": round(steps * self.batch_size / seconds, 1),
                 "train": train_metrics,
                 "lr": self.method.learning_rates(),
                 "train_eps": self.method.eps_now if self.method.minmax else None,
@@ -356,6 +425,7 @@ class Trainer:
                 )
             barrier(dist)
             longest = max(longest, time.perf_counter() - epoch_t0)
+        warnings = self.learning_warnings(record)
         summary = {
             "run_dir": str(self.run_dir),
             "epochs": cfg.run.epochs,
@@ -369,8 +439,11 @@ class Trainer:
             "device": str(self.device),
             "device_name": _device_name(self.device),
             "world_size": dist.world_size,
+            "warnings": warnings,
         }
         if dist.is_main:
+            for w in warnings:
+                log.warning("%s", w)
             atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -407,8 +480,10 @@ def validate(cfg: TrainConfig) -> None:
         "model.width": cfg.model.width,
     }
     for key, value in positive.items():
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.run.bn_recalibration_n < 0:
+        raise ConfigError(f"run.bn_recalibration_n: must be >= 0, got {cfg.run.bn_recalibration_n}")
     if cfg.adv.steps < 1:
         raise ConfigError(f"adv.steps: must be >= 1, got {cfg.adv.steps}")
     k = cfg.model.embed_dim

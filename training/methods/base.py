@@ -139,6 +139,11 @@ class Method:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def batchnorm_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The inputs whose statistics BatchNorm should hold: what the network trains on (its
+        adversarial examples under min-max, at the current eps)."""
+        return self.adversarial(x, y)
+
     def descend(self, loss: torch.Tensor, *optimizers: str) -> None:
         """One optimizer step of ``loss`` for the named optimizers (gradients zeroed first)."""
         opts = [self.optimizers[name] for name in optimizers]
@@ -220,3 +225,66 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             set_requires_grad(m, True)
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` that keep running statistics."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:
+    """Replace the BatchNorm running statistics of ``model`` by the average over ``batches`` of
+    each batch's statistics (``torch.optim.swa_utils.update_bn``'s rule: each layer normalizes by
+    the batch's own statistics on the way, in train mode). The batches may be crafted against the
+    model as it was (adversarial examples): the statistics are collected by hooks and written only
+    at the end. The model's mode is restored. Returns the number of images seen."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+    recording = False
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not recording:
+            return
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean, var = x.mean(dims), x.var(dims, unbiased=True)  # what BatchNorm's running_var averages
+        acc = sums.setdefault(module, [torch.zeros_like(mean), torch.zeros_like(var)])
+        acc[0] += mean
+        acc[1] += var
+
+    hooks = [bn.register_forward_pre_hook(record) for bn in layers]
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in layers]  # type: ignore[union-attr]
+    was, seen, count = model.training, 0, 0
+    try:
+        for x in batches:  # drawn (and attacked) with the model as it is, outside the recording
+            recording = True
+            for bn in layers:
+                bn.momentum = 0.0  # train-mode passes leave the running statistics as they are
+            model.train()
+            with torch.no_grad():
+                model(x)
+            model.train(was)
+            recording = False
+            for bn, (momentum, _) in zip(layers, saved, strict=True):
+                bn.momentum = momentum
+            seen, count = seen + len(x), count + 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for bn, (momentum, tracked) in zip(layers, saved, strict=True):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)  # type: ignore[union-attr]
+        model.train(was)
+    if count:
+        with torch.no_grad():
+            for bn in layers:
+                mean, var = sums[bn]
+                bn.running_mean.copy_(mean / count)  # type: ignore[union-attr]
+                bn.running_var.copy_(var / count)  # type: ignore[union-attr]
+    return seen
