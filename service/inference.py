@@ -96,7 +96,20 @@ class InferenceEngine:
         # RSE models average noisy passes: their logits come from the ensemble, the embedding
         # from one pass. Deterministic models get both from a single pass.
         self.ensemble = int(getattr(model, "ensemble", 1))
-        self.typicality = Typicality.from_dict(card.typicality) if card.typicality else None
+        # Optional parts the card holds but that cannot be used: {part: why}. The model is served
+        # without them (its predictions do not depend on them); /v1/models and /readyz say so.
+        self.missing: dict[str, str] = {}
+        self.typicality = self._typicality(card)
+
+    def _typicality(self, card: ModelCard) -> Typicality | None:
+        if not card.typicality:
+            return None
+        try:
+            return Typicality.from_dict(card.typicality)
+        except (ValueError, KeyError, TypeError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            self.missing["typicality"] = f"the card's typicality section is unusable ({why})"
+            return None
 
     @classmethod
     def from_store(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> InferenceEngine:

@@ -48,10 +48,17 @@ class ServedModel:
         """Model version = the first 12 hex digits of the weights' sha256: it names exact weights."""
         return self.card.weights_sha256[:12] if self.card else "unknown"
 
+    @property
+    def missing(self) -> dict[str, str]:
+        """Optional parts of the card this model is served without, with the reason for each."""
+        return dict(self.engine.missing) if self.engine is not None else {}
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "ready": self.ready, "status": self.status}
         if self.reason:
             out["reason"] = self.reason
+        if self.missing:
+            out["missing"] = self.missing
         if self.card is not None:
             c = self.card
             out.update(
@@ -66,6 +73,8 @@ class ServedModel:
                 weights_sha256=c.weights_sha256,
                 weights_dtype=c.weights_dtype,
                 train_eps=c.train_eps,
+                typicality=self.engine is not None and self.engine.typicality is not None,
+                warnings=c.warnings,
                 headline=headline(c.metrics, c.train_eps),
                 metrics=[
                     {k: m.get(k) for k in ("metric", "value", "ci95", "eps", "n", "attack", "measured_on")}
@@ -162,6 +171,8 @@ class ModelRegistry:
         engine = InferenceEngine.from_store(served.path, self.device)
         served.card = engine.card
         served.engine = engine
+        for part, why in engine.missing.items():
+            log.warning("model %s: served without %s: %s", name, part, why)
         if s.warmup:
             engine.warmup(_bucket_sizes(s.max_batch_size))
 
@@ -215,6 +226,8 @@ class ModelRegistry:
             entry: dict[str, Any] = {"ready": m.ready, "status": m.status}
             if m.reason:
                 entry["reason"] = m.reason
+            if m.missing:
+                entry["missing"] = m.missing
             if m.batcher is not None and m.batcher.full:
                 entry["ready"] = False
                 entry["reason"] = f"queue full ({m.batcher.queued_rows} rows)"

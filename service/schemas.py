@@ -171,6 +171,15 @@ class ModelSummary(BaseModel):
         "with its n, 95 % interval and attack",
     )
     metrics: list[dict[str, Any]] | None = None
+    typicality: bool | None = Field(None, description="whether answers carry the typicality scores")
+    missing: dict[str, str] | None = Field(
+        None,
+        description="optional parts of the card the model is served without (typicality), each with "
+        "the reason; predictions are unaffected",
+    )
+    warnings: list[str] | None = Field(
+        None, description="what export found wrong with the model (accuracy at chance, ...)"
+    )
 
 
 class ModelList(BaseModel):

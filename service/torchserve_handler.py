@@ -58,6 +58,8 @@ class ERCHandler(BaseHandler):
         self.engine = InferenceEngine.from_store(props["model_dir"], device)
         self.max_pixels = settings.max_image_pixels
         self.max_instances = settings.max_instances
+        for part, why in self.engine.missing.items():
+            log.warning("model %s: served without %s: %s", self.engine.name, part, why)
         self.engine.warmup([1])
         self.initialized = True
         log.info(

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class ModelCard:
     preprocessing: dict[str, str] = field(default_factory=dict)
     # How the training data was read: an image folder's root, layout, split, counts, skipped files.
     data: dict[str, Any] = field(default_factory=dict)
+    # What export found wrong with the model (training.diagnostics): accuracy at chance, far below
+    # train accuracy, one class for every image.
+    warnings: list[str] = field(default_factory=list)
     # The worst robust accuracy measured at the training eps (derived from metrics on every write).
     headline: dict[str, Any] = field(default_factory=dict)
     format: str = CARD_FORMAT
@@ -253,11 +257,15 @@ class StagedModel:
         save_weights(model, path, dtype)
         return sha256_file(path)
 
-    def commit(self, card: ModelCard) -> Path:
+    def commit(self, card: ModelCard, verify: Callable[[Path], None] | None = None) -> Path:
+        """Write the card, check that the staged entry loads (and passes ``verify``, which gets
+        its directory), then move it into the store in one rename."""
         card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         card.versions = card.versions or {"erc": __version__, "torch": str(torch.__version__)}
         write_card(self.dir, card)
         load_model(self.dir)  # the staged directory must load before it replaces anything
+        if verify is not None:
+            verify(self.dir)
         final = self.store / self.name
         old = None
         if final.exists():

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from training.attacks import Attack, Suite, build_attack
 from training.card import (
@@ -27,6 +29,7 @@ from training.checkpoint import CHECKPOINT, METRICS, load_checkpoint
 from training.config import training_eps
 from training.data.imaging import InputSpec
 from training.devices import resolve_device
+from training.diagnostics import DegenerateModel, embedding_problems, learning_warnings
 from training.evaluate import curve_metrics, evaluate_on_test
 from training.methods import get_method
 from training.models import EmbeddingClassifier
@@ -50,6 +53,8 @@ def export_run(
     progress: bool = False,
     typicality_fit_n: int | None = 10000,
     typicality_fpr: float = 0.05,
+    allow_degenerate: bool = False,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``store/name/`` from the run's checkpoint and measure its card metrics.
 
@@ -58,6 +63,12 @@ def export_run(
     one card figure each (a preset such as ``autoattack`` gives its cascade's worst case).
     The embedding typicality score (:mod:`training.typicality`) is fitted on ``typicality_fit_n``
     training images (0: not at all; None: all) and calibrated to ``typicality_fpr``.
+
+    A model that learned nothing is exported with the card's ``warnings`` (and a log line each);
+    one whose held-out embeddings are all the same point raises :class:`DegenerateModel` unless
+    ``allow_degenerate``. ``verify(staged_dir)`` runs on the complete entry before it enters the
+    store (``erc export`` loads it through the service's and the TorchServe handler's code); any
+    failure leaves the store as it was.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
@@ -112,15 +123,45 @@ def export_run(
                 folder=card.folder_options(),
             )
             card.metrics += curve_metrics(curve, dataset, measured_on, sha)
+        card.warnings = _model_warnings(stored, card, data_dir, allow_degenerate)
+        for w in card.warnings:
+            log.warning("%s: %s", name, w)
         if typicality_fit_n != 0:
             try:
                 card.typicality = fit_typicality(stored, card, typicality_fit_n, typicality_fpr, data_dir)
-            except TypicalityFitError as exc:  # a small image folder: the model is served without it
+            except TypicalityFitError as exc:  # a class without training images: served without it
                 log.warning("%s: no typicality score: %s", name, exc)
-        return stage.commit(card)
+        return stage.commit(card, verify)
     except BaseException:
         stage.abort()
         raise
+
+
+def _model_warnings(
+    model: EmbeddingClassifier,
+    card: ModelCard,
+    data_dir: str | None,
+    allow_degenerate: bool,
+) -> list[str]:
+    """:mod:`training.diagnostics` on the stored weights: the clean figure against chance and the
+    training accuracy, and the embeddings of up to 1,000 test images (the card's seeded draw)."""
+    from training.data import load_split
+    from training.typicality.fit import embed
+
+    clean = next((m for m in card.metrics if m.get("eps") == 0.0), None)
+    last = card.training.get("last_epoch") or {}
+    train_acc = (last.get("train") or {}).get("acc")
+    warnings = learning_warnings(clean["value"], clean["n"], card.num_classes, train_acc) if clean else []
+    test = load_split(card.dataset, "test", data_dir, n=1000, seed=0, folder=card.folder_options())
+    z = embed(model, test.images)
+    with torch.no_grad():
+        pred = model.forward_head(z.to(next(model.parameters()).device)).argmax(1).cpu()
+    found, degenerate = embedding_problems(z, pred, card.num_classes)
+    if degenerate and not allow_degenerate:
+        raise DegenerateModel(
+            f"{card.name}: not exported: {found[0]} (export it anyway with --allow-degenerate)"
+        )
+    return warnings + found
 
 
 def _embed_dim_note(state: dict[str, Any]) -> dict[str, Any]:

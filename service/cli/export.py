@@ -41,11 +41,17 @@ def register(sub: Any) -> None:
         default=10000,
         help="training images for the embedding typicality score (0: none; see erc typicality)",
     )
+    x.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="export even a model whose held-out embeddings are all the same point",
+    )
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.servable import check_servable
     from training.attacks import build_attacks
     from training.export import export_run
 
@@ -66,10 +72,14 @@ def run(args: argparse.Namespace) -> int:
         notes=args.notes,
         progress=not args.no_progress,
         typicality_fit_n=args.typicality_fit_n,
+        allow_degenerate=args.allow_degenerate,
+        verify=check_servable,  # loaded through the server's and the TorchServe handler's code first
     )
     card = json.loads((path / "card.json").read_text())
     out(f"exported {path} (sha256 {card['weights_sha256'][:16]}..., {card['weights_dtype']})")
     for m in card["metrics"]:
         label = (m.get("attack") or {}).get("label", "clean")
         out(f"  {m['metric']} eps={m['eps']} {label}: {100 * m['value']:.2f}% (n={m['n']})")
+    for w in card.get("warnings") or []:
+        out(f"  warning: {w}")
     return 0

@@ -102,7 +102,7 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
                     {"name": "mahalanobis", "datatype": "FP32", "shape": [-1]},
                     {"name": "atypical", "datatype": "BOOL", "shape": [-1]},
                 ]
-                if card.typicality
+                if model.engine is not None and model.engine.typicality is not None
                 else []
             ),
         ],
