@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.export import export_run
 from training.train import run_training
+from training.typicality import Typicality
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +191,9 @@ def test_stored_files_are_readable_by_other_users(run_dir: Path, tmp_path: Path)
         assert f.stat().st_mode & 0o777 == 0o644, f
 
 
-def test_a_small_image_folder_exports_without_a_typicality_score(tmp_path: Path, monkeypatch, caplog) -> None:
-    """Three training images a class cannot fit a 4-d Gaussian per class: the model is exported and
-    served without the typicality score, and the log says why; the card describes the folder."""
-    import numpy as np
+def test_a_tiny_image_folder_exports_with_a_typicality_score(tmp_path: Path, monkeypatch) -> None:
+    """Three training images a class, fewer than the embedding's 4 dimensions: the shrunk class
+    covariances still give a finite score; the card describes the folder."""
     from PIL import Image
 
     monkeypatch.setenv("ERC_CACHE_DIR", str(tmp_path / "cache"))
@@ -215,11 +216,12 @@ def test_a_small_image_folder_exports_without_a_typicality_score(tmp_path: Path,
         }
     )
     run_training(cfg)
-    with caplog.at_level("WARNING", logger="training.export"):
-        path = export_run(tmp_path / "run", "bugs", tmp_path / "store", device="cpu")
-    assert "bugs: no typicality score: class 0 has 3 training embeddings" in caplog.text
+    path = export_run(tmp_path / "run", "bugs", tmp_path / "store", device="cpu")
     card = read_card(path)
-    assert card.typicality == {} and card.label_names == ["ant", "bee"] and card.input_shape == [3, 16, 16]
+    # Three embeddings a class in 4 dimensions: the shrinkage estimate still gives a usable score.
+    typ = Typicality.from_dict(card.typicality)
+    assert typ.info["fit_class_counts"] == [3, 3] and np.isfinite(typ.threshold)
+    assert card.label_names == ["ant", "bee"] and card.input_shape == [3, 16, 16]
     assert card.arch == "er_mnist" and card.arch_kwargs["input_size"] == [16, 16] and card.train_eps == 0.05
     assert card.data["counts"] == {"train": {"ant": 3, "bee": 3}, "test": {"ant": 1, "bee": 1}}
     assert card.metrics[0]["dataset"] == f"folder:{tmp_path / 'img'}" and card.metrics[0]["n"] == 2
