@@ -576,8 +576,10 @@ async function refreshAudits() {
   }
   panel.hidden = false;
   auditNeed("Signed in with the admin token (kept in this tab only).");
-  renderAudits(body.audits);
-  if (body.audits.some((a) => ["queued", "running", "cancelling"].includes(a.status))) {
+  // What each status allows comes from the API (statuses: its groups), never a list kept here.
+  const statuses = body.statuses;
+  renderAudits(body.audits, statuses);
+  if (body.audits.some((a) => statuses.pending.includes(a.status))) {
     state.pollTimer = setTimeout(refreshAudits, 1000);
   }
 }
@@ -589,7 +591,7 @@ function duration(seconds) {
   return m < 60 ? `${m} min ${Math.round(seconds % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
-function renderAudits(audits) {
+function renderAudits(audits, statuses) {
   const rows = audits.map((a) => {
     const tr = document.createElement("tr");
     tr.dataset.id = a.id;
@@ -609,7 +611,8 @@ function renderAudits(audits) {
     cell(a.error ? `${a.status}: ${a.error}` : a.status).className = "audit-status";
     const progress = document.createElement("progress");
     progress.max = 1;
-    const fraction = a.progress ? a.progress.fraction : a.status === "queued" ? 0 : null;
+    const waiting = statuses.pending.includes(a.status) && !statuses.active.includes(a.status);
+    const fraction = a.progress ? a.progress.fraction : waiting ? 0 : null;
     if (fraction !== null) progress.value = fraction;
     progress.setAttribute("aria-label", `progress of audit ${a.id.slice(0, 8)}`);
     const stage = document.createElement("div");
@@ -620,10 +623,10 @@ function renderAudits(audits) {
     box.className = "audit-progress";
     box.dataset.fraction = String(fraction ?? "");
     cell(box);
-    cell(["running", "cancelling"].includes(a.status) && a.progress ? duration(a.progress.remaining_s) : "");
+    cell(statuses.active.includes(a.status) && a.progress ? duration(a.progress.remaining_s) : "");
     const actions = cell("");
-    if (["queued", "running"].includes(a.status)) actions.append(actionButton("cancel", "Cancel", a.id));
-    if (a.status === "done") actions.append(actionButton("report", "Open report", a.id));
+    if (statuses.cancellable.includes(a.status)) actions.append(actionButton("cancel", "Cancel", a.id));
+    if (statuses.with_report.includes(a.status)) actions.append(actionButton("report", "Open report", a.id));
     return tr;
   });
   $("audit-table").tBodies[0].replaceChildren(...rows);
