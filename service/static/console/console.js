@@ -5,12 +5,6 @@
 const TOKEN_KEY = "erc-admin-token";
 const TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
   "#bcbd22", "#17becf"];
-const PRESETS = {
-  default: null,
-  autoattack: [{ name: "autoattack" }],
-  quick: [{ name: "fgsm" }, { name: "pgd", params: { steps: 10 } }],
-  strong: [{ name: "pgd", params: { steps: 100, restarts: 5 } }],
-};
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -64,6 +58,26 @@ function adminHeaders(extra = {}) {
 }
 
 const modelPath = (suffix) => `/v1/models/${encodeURIComponent(state.model.name)}${suffix}`;
+
+// -- attacks: the audit form's list, from the registry (GET /v1/attacks) ------------------------------
+async function loadAttacks() {
+  const catalog = await api("/v1/attacks");
+  const norm = "linf"; // the console's audits use the API's default norm
+  const option = (value, text) => {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    return o;
+  };
+  const options = [option("default", `Default: ${catalog.default[norm].label}`)];
+  for (const p of catalog.presets.filter((p) => p.norms.includes(norm))) {
+    options.push(option(p.name, `${p.label}: ${p.description}`));
+  }
+  for (const a of catalog.attacks.filter((a) => a.norms.includes(norm))) {
+    options.push(option(a.name, `${a.label}: ${a.description}`));
+  }
+  $("preset").replaceChildren(...options);
+}
 
 // -- models ------------------------------------------------------------------------------------------
 async function loadModels() {
@@ -654,8 +668,9 @@ async function startAudit(event) {
     data: { source: "test", n: Number($("audit-n").value), seed: Number($("audit-seed").value) },
     eps,
   };
-  const attacks = PRESETS[$("preset").value];
-  if (attacks) request.attacks = attacks;
+  // "default": the server's default suite; otherwise one preset or attack, with its defaults.
+  const choice = $("preset").value;
+  if (choice !== "default") request.attacks = [{ name: choice }];
   const button = $("start-audit");
   button.disabled = true;
   try {
@@ -770,3 +785,4 @@ function upload(file) {
 wire();
 refreshAudits();
 loadModels().catch((err) => say(`Could not load the models: ${describe(err)}`, true));
+loadAttacks().catch((err) => say(`Could not load the attack list: ${describe(err)}`, true));
