@@ -22,6 +22,13 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 SYSTEM_PACKAGES := dataset-fashion-mnist prometheus nginx postgresql chromium chromium-driver
 DEPLOY_PACKAGES := podman runc debootstrap docker-compose netavark aardvark-dns iptables
 PYTEST_ARGS ?=
+# Development data: full MNIST lies in ../shared/data/mnist beside a CI checkout. The package only
+# searches its settings ($ERC_DATA_DIR, ./data, the user cache; README "Data"), so make points
+# ERC_DATA_DIR there for `run`, the tests and the benchmarks, unless the caller set it.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export ERC_DATA_DIR ?= $(SHARED_DATA)
+endif
 
 .PHONY: run test install install-dev system-deps deploy-deps lint typecheck unit deploy-test clean bench-serve bench-attack wheelhouse
 

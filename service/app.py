@@ -24,7 +24,7 @@ from service.embedding_map import EmbeddingMaps
 from service.errors import ServiceError
 from service.http import error_response, install_handlers
 from service.registry import ModelRegistry
-from service.routes import admin, attack, console, health, v1, v2
+from service.routes import admin, attack, attacks, console, health, v1, v2
 from service.schemas import component_schemas
 from service.settings import Settings, get_settings
 
@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(attack.router)
+    app.include_router(attacks.router)
     app.include_router(console.router)
     app.add_middleware(HeadAsGet)
     app.add_middleware(MetricsMiddleware)  # added last, so outermost: it sees HEAD as HEAD

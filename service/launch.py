@@ -1,7 +1,11 @@
 """``erc serve`` and ``erc audit-worker`` as child processes: start one on a free loopback port,
 wait until it is ready (the API's ``/readyz`` answers 200; a worker's metrics port answers, which it
 opens once the job store is open), stop it with SIGTERM. Shared by the integration tests, the
-benchmarks and ``erc stack``."""
+benchmarks and ``erc stack``.
+
+The child is this interpreter (``sys.executable -m service.cli``), so it imports ``service`` from
+the same environment as its parent: an installed wheel, or the checkout's editable install. No
+``PYTHONPATH`` is set: nothing is found relative to a checkout."""
 
 from __future__ import annotations
 
@@ -16,8 +20,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -81,7 +83,6 @@ def _start(
         **os.environ,
         "ERC_MODEL_STORE": str(store),
         "ERC_HOST": "127.0.0.1",
-        "PYTHONPATH": str(REPO),
         **(env or {}),
     }
     log.parent.mkdir(parents=True, exist_ok=True)

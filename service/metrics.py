@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.audit.status import ACTIVE, JobStatus
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -173,11 +175,11 @@ class AuditStoreCollector(Collector):
         families = [up]
         if ok:
             queued = GaugeMetricFamily("erc_audit_queue_depth", "Audits waiting for a worker (whole store)")
-            queued.add_metric([], stats.by_status.get("queued", 0))
+            queued.add_metric([], stats.by_status.get(JobStatus.QUEUED, 0))
             running = GaugeMetricFamily(
                 "erc_audits_running", "Audits running or being cancelled (whole store)"
             )
-            running.add_metric([], stats.by_status.get("running", 0) + stats.by_status.get("cancelling", 0))
+            running.add_metric([], sum(stats.by_status.get(s, 0) for s in ACTIVE))
             alive = GaugeMetricFamily(
                 "erc_audit_workers", "Audit workers whose lease heartbeat is current", labels=["state"]
             )

@@ -2,9 +2,9 @@
 docker-compose: API replicas (``erc serve``) behind nginx, ``erc audit-worker`` processes sharing
 a job store (a private PostgreSQL cluster from Debian's package, or a SQLite file), TorchServe
 serving the same model, and Debian's ``prometheus`` scraping every replica, every worker and
-TorchServe, all on 127.0.0.1, from the same config files as docker-compose
-(``docker/proxy/nginx.conf``, ``docker/torchserve/config.properties``,
-``docker/prometheus/prometheus.yml``; only addresses and ports differ).
+TorchServe, all on 127.0.0.1, from the same config files as docker-compose (package data,
+:mod:`service.deploy`: ``nginx.conf``, ``torchserve.properties``, ``prometheus.yml``; only
+addresses and ports differ).
 
     erc stack --store model_store --model mnist-er --replicas 2 --workers 1   # Ctrl-C stops it
 """
@@ -24,18 +24,27 @@ from pathlib import Path
 import yaml
 
 from service import torchserve
-from service.launch import REPO, ServerProcess, free_port, http_status, start_server, start_worker
+from service.deploy import NGINX_CONFIG, PROMETHEUS_CONFIG, Traversable
+from service.launch import ServerProcess, free_port, http_status, start_server, start_worker
 from service.packaging import package_model
 from service.postgres import Postgres, start_postgres
 from training.card import read_card
 
 log = logging.getLogger(__name__)
 
-PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
-NGINX_CONFIG = REPO / "docker" / "proxy" / "nginx.conf"
+__all__ = [
+    "NGINX_CONFIG",
+    "PROMETHEUS_CONFIG",
+    "NativeStack",
+    "nginx_config",
+    "prometheus_config",
+    "start_stack",
+]
 
 
-def prometheus_config(dest: Path, targets: dict[str, list[str]], base: Path = PROMETHEUS_CONFIG) -> Path:
+def prometheus_config(
+    dest: Path, targets: dict[str, list[str]], base: Traversable | Path = PROMETHEUS_CONFIG
+) -> Path:
     """The compose Prometheus config with each named job's discovery replaced by static targets
     (``{"erc-api": ["host:port", ...]}``); everything else is kept."""
     doc = yaml.safe_load(base.read_text())
@@ -48,7 +57,7 @@ def prometheus_config(dest: Path, targets: dict[str, list[str]], base: Path = PR
 
 
 def nginx_config(
-    dest: Path, upstreams: list[str], listen: str, rundir: Path, base: Path = NGINX_CONFIG
+    dest: Path, upstreams: list[str], listen: str, rundir: Path, base: Traversable | Path = NGINX_CONFIG
 ) -> Path:
     """The compose proxy's nginx config with loopback upstreams, address and scratch folder."""
     text = base.read_text()

@@ -1,7 +1,8 @@
 """Running real TorchServe next to the service: config, start, readiness, keys, stop.
 
 Used by the integration tests, the benchmarks and the native (container-free) stack script, so
-all three run TorchServe the same way, from ``docker/torchserve/config.properties``.
+all three run TorchServe the same way, from the shipped ``torchserve.properties``
+(:mod:`service.deploy`, package data; the TorchServe image starts from it too).
 
 Readiness is asked of the management API (a worker in state READY): TorchServe's ``/ping`` says
 Healthy even while a worker crash-loops.
@@ -9,6 +10,7 @@ Healthy even while a worker crash-loops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,8 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO / "docker" / "torchserve" / "config.properties"
+from service.deploy import TORCHSERVE_CONFIG, Traversable
 
 
 @dataclass
@@ -78,14 +79,34 @@ class TorchServe:
         return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the whole process group, then wait until every member is gone: the launcher
+        exits before the Java frontend and the Python workers it started have finished stopping."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        pgid = self.proc.pid  # start_new_session: the launcher leads its own group
+        deadline = time.time() + timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        while _group_alive(pgid):
+            if time.time() > deadline:
+                os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        if self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_config(
@@ -95,7 +116,7 @@ def write_config(
     models: dict[str, dict[str, int]],
     ports: tuple[int, int, int],
     host: str = "127.0.0.1",
-    base: Path = BASE_CONFIG,
+    base: Traversable | Path = TORCHSERVE_CONFIG,
 ) -> Path:
     """The shipped config.properties with this run's ports, model store and model table.
 

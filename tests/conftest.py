@@ -24,6 +24,13 @@ from training.export import export_run
 from training.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
+# Development data: the package searches only its settings (README "Data"); full MNIST lies in
+# ../shared/data/mnist beside a CI checkout, so the tests (and every erc they start, which inherits
+# the environment) point ERC_DATA_DIR there unless the caller set it (the Makefile does the same).
+SHARED_DATA = REPO.parent / "shared" / "data"
+if "ERC_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["ERC_DATA_DIR"] = str(SHARED_DATA)
+DATA_DIR = Path(os.environ["ERC_DATA_DIR"]) if os.environ.get("ERC_DATA_DIR") else None
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +42,14 @@ def _torch_threads() -> None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder of the development datasets (``$ERC_DATA_DIR``, ``mnist/`` below it)."""
+    if DATA_DIR is None:
+        pytest.fail("no development data: set ERC_DATA_DIR (or put MNIST in ../shared/data/mnist)")
+    return DATA_DIR
 
 
 def _erc_env() -> dict[str, str]:

@@ -23,9 +23,10 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from service import metrics
+from service.audit.status import ACTIVE, JobStatus
 from service.audit.store import Claimed, JobStore, StoreError
 from service.errors import AuditStoreUnavailable, Conflict
 from service.settings import Settings
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# Why a worker stopped its child before the child ended by itself (not a job status: how the
+# attempt ends in the store follows from it).
+Ending = Literal["cancelled", "lost", "released"]
 
 
 def summary(rec: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +58,7 @@ def summary(rec: dict[str, Any]) -> dict[str, Any]:
         "attempts": rec["attempts"],
         "max_attempts": rec["max_attempts"],
     }
-    if status in ("running", "cancelling"):
+    if status in ACTIVE:
         out["worker"] = rec["worker"]
         out["progress"] = rec["progress"] or {
             "fraction": 0.0,
@@ -60,7 +66,7 @@ def summary(rec: dict[str, Any]) -> dict[str, Any]:
             "remaining_s": None,
             "stage": "starting the audit process",
         }
-    elif status == "done":
+    elif status == JobStatus.DONE:
         out["progress"] = {
             "fraction": 1.0,
             "elapsed_s": round((rec["finished"] or 0) - (rec["started"] or 0), 1),
@@ -136,7 +142,7 @@ class AuditWorker:
                 metrics.AUDIT_WORKER_HEARTBEAT.set(time.time())
                 for audit_id, status in self.store.reap():
                     log.warning("audit %s: its worker was lost; now %s", audit_id, status)
-                    if status != "queued":
+                    if status != JobStatus.QUEUED:
                         metrics.AUDITS.labels(status=status).inc()
                 claimed = self.store.claim(self.id)
                 if outage:
@@ -186,7 +192,7 @@ class AuditWorker:
         child.close()
         outcome: tuple[Any, ...] | None = None
         progress: dict[str, Any] | None = None
-        ending: str | None = None  # why this worker stopped the child: cancelled, lost, released
+        ending: Ending | None = None  # why this worker stopped the child
         last_ok = time.monotonic()
         next_beat = time.monotonic() + self.settings.audit_heartbeat_s
         try:
@@ -237,7 +243,9 @@ class AuditWorker:
             metrics.AUDIT_WORKER_BUSY.set(0)
             parent.close()
 
-    def _record(self, c: Claimed, outcome: tuple[Any, ...] | None, ending: str | None, exitcode: Any) -> None:
+    def _record(
+        self, c: Claimed, outcome: tuple[Any, ...] | None, ending: Ending | None, exitcode: Any
+    ) -> None:
         """Write how the attempt ended (fenced by the lease; a store outage is retried for a lease's
         time, after which the lease is gone anyway and the audit is another worker's)."""
         deadline = time.monotonic() + self.settings.audit_lease_s
@@ -256,12 +264,12 @@ class AuditWorker:
             metrics.AUDIT_ATTEMPTS.labels(outcome="lease_lost").inc()
             return
         log.info("audit %s of %s: %s", c.id, c.model, final)
-        metrics.AUDIT_ATTEMPTS.labels(outcome="released" if final == "queued" else final).inc()
-        if final != "queued":
+        metrics.AUDIT_ATTEMPTS.labels(outcome="released" if final == JobStatus.QUEUED else final).inc()
+        if final != JobStatus.QUEUED:
             metrics.AUDITS.labels(status=final).inc()
 
     def _write(
-        self, c: Claimed, outcome: tuple[Any, ...] | None, ending: str | None, exitcode: Any
+        self, c: Claimed, outcome: tuple[Any, ...] | None, ending: Ending | None, exitcode: Any
     ) -> str | None:
         import json
 
@@ -270,21 +278,21 @@ class AuditWorker:
         if ending == "released":
             return self.store.release(c, f"worker {self.id} shut down")
         if ending == "cancelled":
-            return self.store.finish(c, "cancelled", error="cancelled while running")
+            return self.store.finish(c, JobStatus.CANCELLED, error="cancelled while running")
         if outcome is not None and outcome[0] == "done":
             result_json, html = outcome[1], outcome[2]
             return self.store.finish(
                 c,
-                "done",
+                JobStatus.DONE,
                 result=result_json,
                 report=html,
                 summary=metric_summary(json.loads(result_json)),
             )
         if outcome is not None:
             log.error("audit %s failed: %s\n%s", c.id, outcome[1], outcome[2] if len(outcome) > 2 else "")
-            return self.store.finish(c, "failed", error=outcome[1])
+            return self.store.finish(c, JobStatus.FAILED, error=outcome[1])
         return self.store.finish(
-            c, "failed", error=f"audit process ended without a result (exit code {exitcode})"
+            c, JobStatus.FAILED, error=f"audit process ended without a result (exit code {exitcode})"
         )
 
 
@@ -428,8 +436,8 @@ class AuditManager:
         status, changed = self._call(self.store.cancel, audit_id)
         if status is None:
             return None
-        if changed and status == "cancelled":
-            metrics.AUDITS.labels(status="cancelled").inc()
-        elif not changed and status != "cancelling":
+        if changed and status == JobStatus.CANCELLED:
+            metrics.AUDITS.labels(status=JobStatus.CANCELLED).inc()
+        elif not changed and status != JobStatus.CANCELLING:
             raise Conflict(f"audit {audit_id} already ended ({status})")
         return summary(self._call(self.store.get, audit_id))

@@ -65,12 +65,18 @@ from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
+from service.audit.status import ACTIVE, FINISHED, JobStatus
+
 log = logging.getLogger(__name__)
 
 # Bump with a migration step in MIGRATIONS whenever the tables change.
 SCHEMA_VERSION = 1
-ACTIVE = ("running", "cancelling")
-FINISHED = ("done", "failed", "cancelled")
+
+
+def _values(statuses: tuple[JobStatus, ...]) -> list[str]:
+    # Plain strings in SQL: a database driver may adapt an Enum member by its name, not its value.
+    return [s.value for s in statuses]
+
 
 metadata = MetaData()
 audits = Table(
@@ -295,7 +301,7 @@ class JobStore:
             if self.dialect == "postgresql":  # one count-then-insert at a time: the limit is exact
                 conn.execute(select(func.pg_advisory_xact_lock(0x45524342)))
             queued = conn.execute(
-                select(func.count()).select_from(audits).where(audits.c.status == "queued")
+                select(func.count()).select_from(audits).where(audits.c.status == JobStatus.QUEUED.value)
             ).scalar_one()
             idle = conn.execute(
                 select(func.count())
@@ -308,7 +314,7 @@ class JobStore:
                 insert(audits).values(
                     id=audit_id,
                     model=model,
-                    status="queued",
+                    status=JobStatus.QUEUED.value,
                     job=json.dumps(job),
                     upload=upload,
                     created=self.now(),
@@ -339,29 +345,31 @@ class JobStore:
             ).first()
         return (None, None) if row is None else (row[0], row[1])
 
-    def cancel(self, audit_id: str) -> tuple[str | None, bool]:
+    def cancel(self, audit_id: str) -> tuple[JobStatus | None, bool]:
         """Cancel: a queued audit ends now; a running one becomes ``cancelling`` until its worker
         has stopped it (at its next heartbeat). Returns the status after the call (None: no such
         audit) and whether this call changed it."""
         with self._tx() as conn:
             res = conn.execute(
                 update(audits)
-                .where(audits.c.id == audit_id, audits.c.status == "queued")
-                .values(status="cancelled", finished=self.now(), error="cancelled before it started")
+                .where(audits.c.id == audit_id, audits.c.status == JobStatus.QUEUED.value)
+                .values(
+                    status=JobStatus.CANCELLED.value, finished=self.now(), error="cancelled before it started"
+                )
             )
             if res.rowcount:
-                return "cancelled", True
+                return JobStatus.CANCELLED, True
             res = conn.execute(
                 update(audits)
-                .where(audits.c.id == audit_id, audits.c.status == "running")
-                .values(status="cancelling", cancel_requested=True)
+                .where(audits.c.id == audit_id, audits.c.status == JobStatus.RUNNING.value)
+                .values(status=JobStatus.CANCELLING.value, cancel_requested=True)
             )
             if res.rowcount:
-                return "cancelling", True
+                return JobStatus.CANCELLING, True
             status: str | None = conn.execute(
                 select(audits.c.status).where(audits.c.id == audit_id)
             ).scalar_one_or_none()
-            return status, False
+            return (None if status is None else JobStatus(status)), False
 
     def stats(self) -> Stats:
         with self._tx() as conn:
@@ -376,7 +384,7 @@ class JobStore:
         with self._tx() as conn:
             rows = conn.execute(
                 select(audits.c.model, audits.c.finished, audits.c.summary)
-                .where(audits.c.status == "done", audits.c.summary.is_not(None))
+                .where(audits.c.status == JobStatus.DONE.value, audits.c.summary.is_not(None))
                 .order_by(audits.c.finished.desc())
                 .limit(500)
             ).all()
@@ -390,7 +398,7 @@ class JobStore:
         with self._tx() as conn:
             cutoff = conn.execute(
                 select(audits.c.finished)
-                .where(audits.c.status.in_(FINISHED))
+                .where(audits.c.status.in_(_values(FINISHED)))
                 .order_by(audits.c.finished.desc())
                 .offset(keep - 1)
                 .limit(1)
@@ -398,7 +406,7 @@ class JobStore:
             if cutoff is None:
                 return 0
             res = conn.execute(
-                delete(audits).where(audits.c.status.in_(FINISHED), audits.c.finished < cutoff)
+                delete(audits).where(audits.c.status.in_(_values(FINISHED)), audits.c.finished < cutoff)
             )
             return int(res.rowcount or 0)
 
@@ -433,7 +441,7 @@ class JobStore:
     def claim(self, worker_id: str) -> Claimed | None:
         """The oldest queued audit, now running under ``worker_id``'s lease; None when none waits."""
         with self._tx() as conn:
-            pick = select(audits.c.id).where(audits.c.status == "queued")
+            pick = select(audits.c.id).where(audits.c.status == JobStatus.QUEUED.value)
             pick = pick.order_by(audits.c.created, audits.c.id).limit(1)
             if self.dialect == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
@@ -442,9 +450,9 @@ class JobStore:
                 return None
             res = conn.execute(
                 update(audits)
-                .where(audits.c.id == audit_id, audits.c.status == "queued")  # compare and set
+                .where(audits.c.id == audit_id, audits.c.status == JobStatus.QUEUED.value)  # compare and set
                 .values(
-                    status="running",
+                    status=JobStatus.RUNNING.value,
                     attempts=audits.c.attempts + 1,
                     worker=worker_id,
                     lease_until=self.now() + self.lease_s,
@@ -471,7 +479,7 @@ class JobStore:
             (audits.c.id == c.id)
             & (audits.c.worker == c.worker)
             & (audits.c.attempts == c.attempt)
-            & audits.c.status.in_(ACTIVE)
+            & audits.c.status.in_(_values(ACTIVE))
         )
 
     def heartbeat(self, c: Claimed, progress: dict[str, Any] | None) -> Beat:
@@ -490,13 +498,13 @@ class JobStore:
     def finish(
         self,
         c: Claimed,
-        status: str,
+        status: JobStatus,
         *,
         error: str | None = None,
         result: str | None = None,
         report: str | None = None,
         summary: dict[str, Any] | None = None,
-    ) -> str | None:
+    ) -> JobStatus | None:
         """Record how the attempt ended, in one transaction, if the lease is still held; a
         cancel requested meanwhile wins over any other ending. Returns the final status, or None
         when the lease was lost (nothing written)."""
@@ -506,7 +514,7 @@ class JobStore:
                 update(audits)
                 .where(self._fence(c))
                 .values(
-                    status=case((cancelled, "cancelled"), else_=status),
+                    status=case((cancelled, JobStatus.CANCELLED.value), else_=JobStatus(status).value),
                     error=case((cancelled, "cancelled while running"), else_=error),
                     result=case((cancelled, None), else_=result),
                     report=case((cancelled, None), else_=report),
@@ -520,10 +528,10 @@ class JobStore:
             )
             if not res.rowcount:
                 return None
-            final: str = conn.execute(select(audits.c.status).where(audits.c.id == c.id)).scalar_one()
-        return final
+            final = conn.execute(select(audits.c.status).where(audits.c.id == c.id)).scalar_one()
+        return JobStatus(final)
 
-    def release(self, c: Claimed, reason: str) -> str | None:
+    def release(self, c: Claimed, reason: str) -> JobStatus | None:
         """Give a running audit back to the queue (its worker is shutting down): the attempt does not
         count. A cancelling one ends cancelled. Returns the new status, or None if the lease was lost."""
         with self._tx() as conn:
@@ -532,9 +540,14 @@ class JobStore:
             ).first()
             if row is None:
                 return None
-            status = "cancelled" if row.cancel_requested else "queued"
-            values: dict[str, Any] = {"status": status, "worker": None, "lease_until": None, "progress": None}
-            if status == "cancelled":
+            status = JobStatus.CANCELLED if row.cancel_requested else JobStatus.QUEUED
+            values: dict[str, Any] = {
+                "status": status.value,
+                "worker": None,
+                "lease_until": None,
+                "progress": None,
+            }
+            if status == JobStatus.CANCELLED:
                 values.update(finished=self.now(), error="cancelled while running")
             else:
                 values.update(
@@ -558,7 +571,7 @@ class JobStore:
                 audits.c.max_attempts,
                 audits.c.history,
                 audits.c.heartbeat,
-            ).where(audits.c.status.in_(ACTIVE), audits.c.lease_until < self.now())
+            ).where(audits.c.status.in_(_values(ACTIVE)), audits.c.lease_until < self.now())
             if self.dialect == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
             for row in conn.execute(pick).all():
@@ -566,13 +579,19 @@ class JobStore:
                 lost = f"worker {row.worker} lost (no heartbeat since {seen})"
                 claimed = Claimed(row.id, "", {}, None, row.worker, row.attempts)
                 values: dict[str, Any] = {"worker": None, "lease_until": None}
-                if row.status == "cancelling":
-                    values.update(status="cancelled", finished=self.now(), error=f"cancelled; {lost}")
+                if row.status == JobStatus.CANCELLING:
+                    values.update(
+                        status=JobStatus.CANCELLED.value, finished=self.now(), error=f"cancelled; {lost}"
+                    )
                 elif row.attempts < row.max_attempts:
-                    values.update(status="queued", progress=None, history=_append(row.history, claimed, lost))
+                    values.update(
+                        status=JobStatus.QUEUED.value,
+                        progress=None,
+                        history=_append(row.history, claimed, lost),
+                    )
                 else:
                     values.update(
-                        status="failed",
+                        status=JobStatus.FAILED.value,
                         finished=self.now(),
                         history=_append(row.history, claimed, lost),
                         error=f"gave up after {row.attempts} attempts: {lost}",

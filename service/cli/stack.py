@@ -34,9 +34,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replicas < 1 or args.workers < 0:
         raise SystemExit("erc: --replicas must be at least 1 and --workers at least 0")
-    stack = start_stack(
-        Path(args.store), args.model, replicas=args.replicas, workers=args.workers, db=args.db
-    )
+    # SIGTERM stops the stack as Ctrl-C does, while it starts too (start_stack then stops what had
+    # started): with SIGTERM's default action the children (nginx, Prometheus, TorchServe, the
+    # replicas) outlived a killed `erc stack`.
+    stopping = _Stopping()
+    previous = signal.signal(signal.SIGTERM, stopping.handler)
+    try:
+        stack = start_stack(
+            Path(args.store), args.model, replicas=args.replicas, workers=args.workers, db=args.db
+        )
+    except _Stop:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     ts = stack.torchserve
     assert ts is not None
     out(f"API          {stack.url}  (docs: {stack.url}/docs; nginx in front of {len(stack.apis)} replicas)")
@@ -49,9 +59,26 @@ def run(args: argparse.Namespace) -> int:
     out(f"TorchServe   {ts.inference_url}  management {ts.management_url}  metrics {ts.metrics_url}")
     out(f"             keys: {ts.workdir / 'key_file.json'}")
     out(f"Prometheus   {stack.prometheus_url}")
-    out(f"logs in {stack.workdir}; Ctrl-C stops the stack")
+    out(f"logs in {stack.workdir}; Ctrl-C (or SIGTERM) stops the stack")
+    signal.signal(signal.SIGTERM, stopping.handler)
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while not stopping.requested:
+            signal.pause()
+    except (_Stop, KeyboardInterrupt):
+        pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
         stack.stop()
     return 0
+
+
+class _Stop(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no ``except Exception`` swallows it."""
+
+
+class _Stopping:
+    requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        raise _Stop

@@ -25,6 +25,7 @@ from service.audit.engine import AuditSpec
 from service.audit.jobs import AuditManager
 from service.audit.report import csp as report_csp
 from service.audit.runner import checks_cost, default_eps
+from service.audit.status import WITH_REPORT, JobStatus, status_groups
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
 from service.http import json_response
 from service.payloads import ImagePayload, b64decode, decode_all
@@ -110,7 +111,7 @@ class AuditRequest(BaseModel):
 
 class AuditCreated(BaseModel):
     id: str
-    status: str
+    status: JobStatus
     model: str
     estimated_work: float
     links: dict[str, str]
@@ -234,9 +235,40 @@ async def _audit(request: Request, audit_id: str) -> dict[str, Any]:
     return audit
 
 
-@router.get("/audits", responses=error_responses(401, 404, 503), summary="Recent audits, newest first")
+class AuditStatuses(BaseModel):
+    """The audit states, grouped by what a client may do with an audit in them."""
+
+    all: list[JobStatus]
+    active: list[JobStatus] = Field(description="a worker runs it: progress and time left")
+    pending: list[JobStatus] = Field(description="it may still change: poll again")
+    finished: list[JobStatus] = Field(description="it will not change any more")
+    cancellable: list[JobStatus] = Field(description="DELETE /admin/audits/{id} cancels it")
+    with_report: list[JobStatus] = Field(description="GET /admin/audits/{id}/report has its report")
+
+
+class AuditStatus(BaseModel):
+    id: str
+    model: str
+    status: JobStatus
+    progress: dict[str, Any] | None = None
+    error: str | None = None
+    links: dict[str, str]
+
+
+class AuditList(BaseModel):
+    audits: list[AuditStatus] = Field(description="the newest first (more fields than listed here)")
+    statuses: AuditStatuses
+
+
+@router.get(
+    "/audits",
+    response_model=AuditList,
+    responses=error_responses(401, 404, 503),
+    summary="Recent audits, newest first, and what each status allows",
+)
 async def list_audits(request: Request) -> Response:
-    return json_response({"audits": await run_in_threadpool(audits(request).list)})
+    recent = await run_in_threadpool(audits(request).list)
+    return json_response({"audits": recent, "statuses": status_groups()})
 
 
 @router.get(
@@ -246,7 +278,7 @@ async def list_audits(request: Request) -> Response:
 )
 async def get_audit(audit_id: str, request: Request) -> Response:
     body = await _audit(request, audit_id)
-    if body["status"] == "done":
+    if body["status"] in WITH_REPORT:
         result, _ = await run_in_threadpool(audits(request).result, audit_id)
         body["result"] = json.loads(result) if result else None
     return json_response(body)
@@ -260,7 +292,7 @@ async def get_audit(audit_id: str, request: Request) -> Response:
 )
 async def audit_report(audit_id: str, request: Request) -> Response:
     audit = await _audit(request, audit_id)
-    if audit["status"] != "done":
+    if audit["status"] not in WITH_REPORT:
         raise Conflict(f"audit {audit_id} is {audit['status']}; the report exists once it is done")
     _, html = await run_in_threadpool(audits(request).result, audit_id)
     if html is None:  # deleted between the two reads (ERC_AUDIT_KEEP)

@@ -28,12 +28,14 @@ import httpx
 import pytest
 import yaml
 
-from service.launch import REPO, free_port, http_status
+from service.launch import free_port, http_status
 from training.card import load_model
 from training.config import load_config
 from training.data import resolve_data_dir
 from training.export import export_run
 from training.train import run_training
+
+REPO = Path(__file__).resolve().parents[2]
 
 # A cold build of every image (no layer cached, apt and pip inside) takes longer than the suite's
 # default 900 s per test on a busy 2-core machine.

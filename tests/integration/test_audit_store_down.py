@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 
 from service import launch
-from service.launch import REPO, free_port
+from service.launch import free_port
 from service.postgres import start_postgres
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOKEN = "store-down-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -341,6 +341,57 @@ def default_attacks(norm: str = "linf") -> Suite:
     return build_attacks([(n, p) for n, p in wanted if norm in ATTACKS[n].norms], norm)
 
 
+def catalog() -> dict[str, Any]:
+    """What a request may name, as JSON (``GET /v1/attacks``, the console's attack list): every
+    public attack with its norms, tunable parameters and their defaults, allowed values and flags;
+    every preset with its attacks; the default suite per norm."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    attacks = []
+    for name in list_attacks():
+        d = ATTACKS[name]
+        tunable = {
+            k: plain(d.defaults.get(k, p.default))
+            for k, p in d.parameters().items()
+            if k != "norm" and p.default is not inspect.Parameter.empty
+        }
+        # A default of None is derived from the others (e.g. PGD's alpha from eps and steps): such a
+        # parameter may be set, but has no value to show.
+        params = {k: v for k, v in tunable.items() if v is not None}
+        derived = sorted(k for k, v in tunable.items() if v is None)
+        attacks.append(
+            {
+                "name": name,
+                "label": d.label(params),
+                "description": d.description,
+                "norms": list(d.norms),
+                "params": params,
+                "derived": derived,
+                "choices": {k: list(v) for k, v in d.choices.items()},
+                "gradient": d.gradient,
+                "iterative": d.iterative,
+                "minimum_norm": d.minimum_norm,
+            }
+        )
+    presets = [
+        {
+            "name": p.name,
+            "label": p.label,
+            "description": p.description,
+            "norms": list(p.norms),
+            "attacks": [{"name": n, "params": dict(kw)} for n, kw in p.attacks],
+        }
+        for p in (PRESETS[n] for n in list_presets())
+    ]
+    default = {}
+    for norm in NORMS:
+        suite = default_attacks(norm)
+        default[norm] = {"label": suite.label, "attacks": suite.requests()}
+    return {"norms": list(NORMS), "attacks": attacks, "presets": presets, "default": default}
+
+
 __all__ = [
     "ATTACKS",
     "PRESETS",
@@ -351,6 +402,7 @@ __all__ = [
     "Suite",
     "build_attack",
     "build_attacks",
+    "catalog",
     "default_attacks",
     "get_attack_def",
     "list_attacks",

@@ -25,16 +25,21 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-__all__ = ["decode_parallel", "load_arrays", "store_arrays", "user_cache_dir"]
+__all__ = ["decode_parallel", "load_arrays", "store_arrays", "user_cache_dir", "user_cache_home"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256  # images per decode task: large enough to amortize the executor, small for progress
 
 
+def user_cache_home() -> Path:
+    """``$ERC_CACHE_DIR``, default ``~/.cache/erc``: the one per-user folder of the package."""
+    return Path(os.environ.get("ERC_CACHE_DIR") or Path.home() / ".cache" / "erc").expanduser()
+
+
 def user_cache_dir(kind: str, root: Path) -> Path:
     """``$ERC_CACHE_DIR/<kind>/<hash of root>`` (default base ``~/.cache/erc``)."""
-    base = Path(os.environ.get("ERC_CACHE_DIR") or Path.home() / ".cache" / "erc").expanduser()
+    base = user_cache_home()
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
     return base / kind / tag
 

@@ -18,10 +18,12 @@ The function returns the folder that directly holds the dataset's files (e.g. th
    itself) works too.
 
 An explicit ``data_dir`` is the only ``B`` tried. Without one, ``B`` runs through
-``$ERC_DATA_DIR/<name>``, ``<repo root>/data/<name>``, ``~/.cache/erc/data/<name>`` and the
-dataset's system locations (``<repo root>/../shared/data/mnist`` for MNIST, the Debian package
-``dataset-fashion-mnist``'s ``/usr/share/datasets/fashion-mnist``); the first folder that holds
-every required file wins.
+``$ERC_DATA_DIR/<name>``, ``./data/<name>`` (below the working directory),
+``$ERC_CACHE_DIR/data/<name>`` (default ``~/.cache/erc/data/<name>``) and the dataset's system
+locations (the Debian package ``dataset-fashion-mnist``'s ``/usr/share/datasets/fashion-mnist``);
+the first folder that holds every required file wins. Nothing is looked for relative to the
+package's own files: an installed wheel and a checkout search the same places (a checkout's
+development data is the Makefile's and the tests' business: they set ``ERC_DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.data.cache import user_cache_home
 from training.data.cifar import META_FILE, read_cifar_split
 from training.data.cifar import SPLIT_FILES as CIFAR_FILES
 from training.data.core import DataError, DatasetInfo, ImageSet, checksum_file, md5_bytes
@@ -65,9 +68,9 @@ __all__ = [
     "holds",
     "list_datasets",
     "load_split",
-    "repo_root",
     "resolve_data_dir",
     "search_dirs",
+    "user_data_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,15 +112,15 @@ class DatasetSpec:
     resources: tuple[Resource, ...]
     folder: str | None = None  # canonical folder name (what the archive unpacks to), if any
     layouts: tuple[str, ...] = ()  # further accepted sub-folders (torchvision's "MNIST/raw")
-    system_dirs: tuple[str, ...] = ()  # "{repo}" is the repository root
+    system_dirs: tuple[str, ...] = ()  # absolute folders where a system package installs it
     how_to_get: str = ""
     # For sets whose class names live in the files (Tiny ImageNet): (root, info) -> label names.
     label_reader: Callable[[Path, DatasetInfo], tuple[str, ...]] | None = None
 
 
-def repo_root() -> Path:
-    """The folder that holds the ``training`` package (the repository root in a checkout)."""
-    return Path(__file__).resolve().parents[2]
+def user_data_dir() -> Path:
+    """``$ERC_CACHE_DIR/data`` (default ``~/.cache/erc/data``): where datasets go per user."""
+    return user_cache_home() / "data"
 
 
 def _whole(read: Callable[[Path, str, DatasetInfo], ImageSet]) -> Reader:
@@ -224,7 +227,6 @@ register(
         base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
         resources=tuple(Resource(f"{s}.gz", m) for s, m in _MNIST_MD5.items()),
         layouts=("MNIST/raw",),
-        system_dirs=("{repo}/../shared/data/mnist",),
         how_to_get=_download_hint("mnist"),
     )
 )
@@ -409,9 +411,9 @@ def search_dirs(name: str) -> list[Path]:
     env = os.environ.get("ERC_DATA_DIR")
     if env:
         dirs.append(Path(env).expanduser() / key)
-    dirs.append(repo_root() / "data" / key)
-    dirs.append(Path.home() / ".cache" / "erc" / "data" / key)
-    dirs.extend(Path(os.path.normpath(d.format(repo=repo_root()))) for d in spec.system_dirs)
+    dirs.append(Path.cwd() / "data" / key)
+    dirs.append(user_data_dir() / key)
+    dirs.extend(Path(d) for d in spec.system_dirs)
     return dirs
 
 

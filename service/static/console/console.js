@@ -5,12 +5,6 @@
 const TOKEN_KEY = "erc-admin-token";
 const TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
   "#bcbd22", "#17becf"];
-const PRESETS = {
-  default: null,
-  autoattack: [{ name: "autoattack" }],
-  quick: [{ name: "fgsm" }, { name: "pgd", params: { steps: 10 } }],
-  strong: [{ name: "pgd", params: { steps: 100, restarts: 5 } }],
-};
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -64,6 +58,26 @@ function adminHeaders(extra = {}) {
 }
 
 const modelPath = (suffix) => `/v1/models/${encodeURIComponent(state.model.name)}${suffix}`;
+
+// -- attacks: the audit form's list, from the registry (GET /v1/attacks) ------------------------------
+async function loadAttacks() {
+  const catalog = await api("/v1/attacks");
+  const norm = "linf"; // the console's audits use the API's default norm
+  const option = (value, text) => {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    return o;
+  };
+  const options = [option("default", `Default: ${catalog.default[norm].label}`)];
+  for (const p of catalog.presets.filter((p) => p.norms.includes(norm))) {
+    options.push(option(p.name, `${p.label}: ${p.description}`));
+  }
+  for (const a of catalog.attacks.filter((a) => a.norms.includes(norm))) {
+    options.push(option(a.name, `${a.label}: ${a.description}`));
+  }
+  $("preset").replaceChildren(...options);
+}
 
 // -- models ------------------------------------------------------------------------------------------
 async function loadModels() {
@@ -576,8 +590,10 @@ async function refreshAudits() {
   }
   panel.hidden = false;
   auditNeed("Signed in with the admin token (kept in this tab only).");
-  renderAudits(body.audits);
-  if (body.audits.some((a) => ["queued", "running", "cancelling"].includes(a.status))) {
+  // What each status allows comes from the API (statuses: its groups), never a list kept here.
+  const statuses = body.statuses;
+  renderAudits(body.audits, statuses);
+  if (body.audits.some((a) => statuses.pending.includes(a.status))) {
     state.pollTimer = setTimeout(refreshAudits, 1000);
   }
 }
@@ -589,7 +605,7 @@ function duration(seconds) {
   return m < 60 ? `${m} min ${Math.round(seconds % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
-function renderAudits(audits) {
+function renderAudits(audits, statuses) {
   const rows = audits.map((a) => {
     const tr = document.createElement("tr");
     tr.dataset.id = a.id;
@@ -609,7 +625,8 @@ function renderAudits(audits) {
     cell(a.error ? `${a.status}: ${a.error}` : a.status).className = "audit-status";
     const progress = document.createElement("progress");
     progress.max = 1;
-    const fraction = a.progress ? a.progress.fraction : a.status === "queued" ? 0 : null;
+    const waiting = statuses.pending.includes(a.status) && !statuses.active.includes(a.status);
+    const fraction = a.progress ? a.progress.fraction : waiting ? 0 : null;
     if (fraction !== null) progress.value = fraction;
     progress.setAttribute("aria-label", `progress of audit ${a.id.slice(0, 8)}`);
     const stage = document.createElement("div");
@@ -620,10 +637,10 @@ function renderAudits(audits) {
     box.className = "audit-progress";
     box.dataset.fraction = String(fraction ?? "");
     cell(box);
-    cell(["running", "cancelling"].includes(a.status) && a.progress ? duration(a.progress.remaining_s) : "");
+    cell(statuses.active.includes(a.status) && a.progress ? duration(a.progress.remaining_s) : "");
     const actions = cell("");
-    if (["queued", "running"].includes(a.status)) actions.append(actionButton("cancel", "Cancel", a.id));
-    if (a.status === "done") actions.append(actionButton("report", "Open report", a.id));
+    if (statuses.cancellable.includes(a.status)) actions.append(actionButton("cancel", "Cancel", a.id));
+    if (statuses.with_report.includes(a.status)) actions.append(actionButton("report", "Open report", a.id));
     return tr;
   });
   $("audit-table").tBodies[0].replaceChildren(...rows);
@@ -651,8 +668,9 @@ async function startAudit(event) {
     data: { source: "test", n: Number($("audit-n").value), seed: Number($("audit-seed").value) },
     eps,
   };
-  const attacks = PRESETS[$("preset").value];
-  if (attacks) request.attacks = attacks;
+  // "default": the server's default suite; otherwise one preset or attack, with its defaults.
+  const choice = $("preset").value;
+  if (choice !== "default") request.attacks = [{ name: choice }];
   const button = $("start-audit");
   button.disabled = true;
   try {
@@ -767,3 +785,4 @@ function upload(file) {
 wire();
 refreshAudits();
 loadModels().catch((err) => say(`Could not load the models: ${describe(err)}`, true));
+loadAttacks().catch((err) => say(`Could not load the attack list: ${describe(err)}`, true));

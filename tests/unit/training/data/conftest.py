@@ -245,9 +245,13 @@ def writers() -> SimpleNamespace:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads or writes the real user cache or follows the caller's data settings."""
+    """No test reads or writes the real user cache or follows the caller's data settings (nor the
+    ``./data`` of the folder pytest runs in)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ERC_CACHE_DIR", raising=False)
     monkeypatch.delenv("ERC_DATA_DIR", raising=False)
+    (tmp_path / "cwd").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.delenv("ERC_DATA_MIRROR", raising=False)
 
 

@@ -16,7 +16,6 @@ import torch
 from training.data import DataError, load_split, registry
 from training.data.download import checksum_file, download, extract
 
-SHARED_MNIST = registry.repo_root().parent / "shared" / "data" / "mnist"
 MNIST_FILES = [
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -35,9 +34,9 @@ def _serve_fake_mnist(server: Any, writers: SimpleNamespace) -> dict[str, str]:
     return {name: checksum_file(server.root / name) for name in MNIST_FILES}
 
 
-def test_real_mnist_with_canonical_checksums(http_server: Any, tmp_path: Path) -> None:
+def test_real_mnist_with_canonical_checksums(http_server: Any, tmp_path: Path, data_dir: Path) -> None:
     for name in MNIST_FILES:
-        shutil.copy(SHARED_MNIST / name, http_server.root / name)
+        shutil.copy(data_dir / "mnist" / name, http_server.root / name)
     dest = tmp_path / "data" / "mnist"
     paths = download("mnist", dest, mirror=http_server.url)
     assert paths == [dest / n for n in MNIST_FILES]

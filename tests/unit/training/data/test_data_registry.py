@@ -23,7 +23,6 @@ from training.data import (
 from training.data.core import checksum_file
 
 ALL = ["mnist", "fashion-mnist", "cifar10", "stl10", "tiny-imagenet"]
-SHARED_MNIST = registry.repo_root().parent / "shared" / "data" / "mnist"
 
 
 def test_list_and_info() -> None:
@@ -109,23 +108,33 @@ def test_user_cache_searched(tmp_path: Path, writers: SimpleNamespace) -> None:
     assert resolve_data_dir("stl10") == (home_dir / "stl10_binary").resolve()
 
 
-def test_search_order_and_system_dirs() -> None:
-    dirs = registry.search_dirs("mnist")
-    assert dirs[0] == registry.repo_root() / "data" / "mnist"  # no $ERC_DATA_DIR in the tests
-    assert dirs[1] == Path.home() / ".cache" / "erc" / "data" / "mnist"
-    assert dirs[-1] == SHARED_MNIST  # relative to the checkout, not an absolute /work path
+def test_search_order_and_system_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Settings only: nothing relative to the package's files (an installed wheel has no checkout).
+    assert registry.search_dirs("mnist") == [
+        Path.cwd() / "data" / "mnist",  # no $ERC_DATA_DIR in the tests
+        Path.home() / ".cache" / "erc" / "data" / "mnist",
+    ]
     assert registry.search_dirs("fashion-mnist")[-1] == Path("/usr/share/datasets/fashion-mnist")
+    monkeypatch.setenv("ERC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ERC_DATA_DIR", str(tmp_path / "data"))
+    assert registry.search_dirs("mnist") == [
+        tmp_path / "data" / "mnist",
+        Path.cwd() / "data" / "mnist",
+        tmp_path / "cache" / "data" / "mnist",
+    ]
+    package = Path(registry.__file__).resolve().parents[2]
+    for name in registry.list_datasets():
+        assert not any(d.is_relative_to(package) for d in registry.search_dirs(name)), name
 
 
 def test_not_found_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(registry, "repo_root", lambda: tmp_path / "checkout")
     spec = registry.get_spec("fashion-mnist")
     fake = dataclasses.replace(spec, system_dirs=(str(tmp_path / "none"),))
     monkeypatch.setitem(registry._SPECS, "fashion-mnist", fake)
     with pytest.raises(DataError) as info:
         load_split("fashion-mnist", "test")
     msg = str(info.value)
-    assert str(tmp_path / "checkout" / "data" / "fashion-mnist") in msg
+    assert str(tmp_path / "cwd" / "data" / "fashion-mnist") in msg  # ./data (conftest's working dir)
     assert str(tmp_path / "home" / ".cache" / "erc" / "data" / "fashion-mnist") in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "erc data download fashion-mnist" in msg
 
@@ -168,13 +177,13 @@ def test_describe_archive_beside_data(tmp_path: Path, writers: SimpleNamespace) 
     assert not meta["required"]
 
 
-def test_describe_verifies_raw_and_recompressed_copies(tmp_path: Path) -> None:
+def test_describe_verifies_raw_and_recompressed_copies(tmp_path: Path, data_dir: Path) -> None:
     # An un-gzipped file checks against the content md5; a re-compressed .gz (different bytes,
     # same content, like the Debian package's) is recognized too.
     for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (tmp_path / stem).write_bytes(gzip.decompress((SHARED_MNIST / f"{stem}.gz").read_bytes()))
+        (tmp_path / stem).write_bytes(gzip.decompress((data_dir / "mnist" / f"{stem}.gz").read_bytes()))
     for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        shutil.copy(SHARED_MNIST / f"{stem}.gz", tmp_path)
+        shutil.copy(data_dir / "mnist" / f"{stem}.gz", tmp_path)
     src = tmp_path / "train-labels-idx1-ubyte.gz"
     src.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), compresslevel=1, mtime=0))
     d = describe("mnist", tmp_path)

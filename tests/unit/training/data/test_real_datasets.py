@@ -1,19 +1,20 @@
 """The real MNIST and Fashion-MNIST files of this machine, found through resolve_data_dir's search.
 
-MNIST lies in ``<repo root>/../shared/data/mnist`` (in CI too, where ``shared/`` sits beside the
-clone); Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``, which `make test`
-installs. Absent files fail these tests: CI always has both.
+MNIST lies in ``$ERC_DATA_DIR/mnist`` (tests/conftest.py points ERC_DATA_DIR at
+``../shared/data`` beside the checkout, as in CI); Fashion-MNIST comes from the Debian package
+``dataset-fashion-mnist``, which `make test` installs. Absent files fail these tests: CI always
+has both.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from training.data import describe, load_split, registry, resolve_data_dir
+from training.data import describe, load_split, resolve_data_dir
 
-SHARED_MNIST = registry.repo_root().parent / "shared" / "data" / "mnist"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # Class counts of the official splits.
@@ -21,10 +22,10 @@ MNIST_TRAIN = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-def test_real_mnist() -> None:
+def test_real_mnist(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    monkeypatch.setenv("ERC_DATA_DIR", str(data_dir))  # the data conftest clears it
     root = resolve_data_dir("mnist")  # no data_dir: the search must find it
-    if not (registry.repo_root() / "data" / "mnist").exists():
-        assert root.resolve() == SHARED_MNIST.resolve()
+    assert root.resolve() == (data_dir / "mnist").resolve()
     train, test = load_split("mnist", "train"), load_split("mnist", "test")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels, minlength=10).tolist() == MNIST_TRAIN
@@ -38,8 +39,7 @@ def test_real_mnist() -> None:
 
 def test_real_fashion_mnist() -> None:
     root = resolve_data_dir("fashion-mnist")
-    if not (registry.repo_root() / "data" / "fashion-mnist").exists():
-        assert root == DEBIAN_FASHION
+    assert root == DEBIAN_FASHION
     train, test = load_split("fashion-mnist", "train"), load_split("fashion-mnist", "test")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels, minlength=10).tolist() == [6000] * 10
