@@ -24,7 +24,8 @@ from service.embedding_map import EmbeddingMaps
 from service.errors import ServiceError
 from service.http import error_response, install_handlers
 from service.registry import ModelRegistry
-from service.routes import admin, attack, attacks, console, health, v1, v2
+from service.repository import ModelRecords, Reconciler
+from service.routes import admin, attack, attacks, console, health, repository, v1, v2
 from service.schemas import component_schemas
 from service.settings import Settings, get_settings
 
@@ -154,6 +155,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.audits = manager
         if manager is not None:
             manager.start()
+            # The model repository's record shares the audit store's database (service/repository.py).
+            app.state.repository = Reconciler(
+                registry, ModelRecords(manager.store), settings.repository_poll_s
+            )
+            app.state.repository.start()
         app.state.attacks = AttackPool(settings)  # worker processes start with the first :attack
         batch = min(settings.max_batch_size, settings.max_queue)
         app.state.embedding_maps = EmbeddingMaps(settings.embedding_map_n, batch)
@@ -163,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.attacks.stop()
+            if getattr(app.state, "repository", None) is not None:
+                app.state.repository.stop()
             if manager is not None:
                 manager.stop()
                 metrics.AUDIT_STORE.snapshot = None
@@ -185,6 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(repository.router)
     app.include_router(attack.router)
     app.include_router(attacks.router)
     app.include_router(console.router)

@@ -94,6 +94,7 @@ class Batcher:
         self._rows_needed = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_reason = ""
         self.workers = workers
         self._threads: list[threading.Thread] = []
 
@@ -106,10 +107,11 @@ class Batcher:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued (up to ``timeout``), then refuse the rest."""
+    def stop(self, timeout: float = 10.0, reason: str = "server shutting down") -> None:
+        """Finish what is queued (up to ``timeout``), then refuse the rest (503 with ``reason``)."""
         with self._cond:
             self._stopping = True
+            self._stop_reason = reason
             self._cond.notify_all()
         deadline = time.perf_counter() + timeout
         for t in self._threads:
@@ -119,7 +121,12 @@ class Batcher:
             self._queue.clear()
             self._rows_queued = 0
         for item in leftovers:
-            self._resolve(item, exc=ServiceUnavailable("server shutting down"))
+            self._resolve(item, exc=ServiceUnavailable(reason))
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests are on their way (being read or decoded) or queued."""
+        return self._pending > 0 or self._rows_queued > 0 or bool(self._queue)
 
     @property
     def running(self) -> bool:
@@ -152,7 +159,8 @@ class Batcher:
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
             if self._stopping or not self._threads:
-                raise ModelNotReady(f"model {self.name!r} is not accepting requests")
+                why = f": {self._stop_reason}" if self._stop_reason else ""
+                raise ModelNotReady(f"model {self.name!r} is not accepting requests{why}")
             if self._rows_queued + rows > self.max_queue:
                 queued, limit = self._rows_queued, self.max_queue
                 raise QueueFull(f"model {self.name!r} has {queued} images queued (limit {limit}); retry")

@@ -91,6 +91,15 @@ def export_worker_gauges() -> None:
 
 
 MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
+MODELS_LOADED = Gauge("erc_models_loaded", "Model versions this process serves (loaded and warm)")
+MODEL_LOAD_DURATION = Histogram(
+    "erc_model_load_duration_seconds",
+    "Time to load, verify and warm one model version",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+MODEL_LOAD_FAILURES = Counter(
+    "erc_model_load_failures_total", "Model versions this process failed to load", ["model"]
+)
 TYPICALITY_MAHALANOBIS = Histogram(
     "erc_typicality_mahalanobis",
     "Minimum class-conditional Mahalanobis distance of each image's embedding (typicality score)",

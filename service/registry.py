@@ -1,8 +1,15 @@
-"""The models this process serves: loaded once at startup, verified, warmed, each with its batcher.
+"""The models this process serves: loaded at startup, verified, warmed, each with its batcher;
+with the model repository on (service/repository.py), versions are loaded and unloaded while it
+serves, as the deployment's record says.
 
 A model that cannot be loaded (card unreadable, unknown architecture, weights whose sha256 does
 not match the card, truncated weights) is refused with one clear log line and reported by
 ``/readyz`` with its reason; the other models keep serving.
+
+Routing: ``models`` maps each name to its default version (what ``/v1/models/NAME`` reaches);
+``versions`` holds every version this process has, keyed ``(name, store entry)``. Both are
+replaced whole (never edited in place) by the one thread that changes them, so request handlers
+read a consistent table without a lock.
 """
 
 from __future__ import annotations
@@ -31,13 +38,19 @@ PREFERRED_DEFAULT = "mnist-er"
 @dataclass
 class ServedModel:
     name: str
-    path: Path
-    status: str = "loading"  # loading -> ready | failed
+    path: Path  # the store entry: model_store/ENTRY
+    status: str = "loading"  # loading -> ready | failed; ready -> unloading
     reason: str | None = None
     card: ModelCard | None = None
     engine: InferenceEngine | None = None
     batcher: Batcher | None = None
     load_seconds: float | None = None
+    # When the repository asked for this version (a failed load is retried after a newer ask).
+    requested: float = 0.0
+
+    @property
+    def entry(self) -> str:
+        return self.path.name
 
     @property
     def ready(self) -> bool:
@@ -55,6 +68,8 @@ class ServedModel:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "ready": self.ready, "status": self.status}
+        if self.entry != self.name:
+            out["entry"] = self.entry
         if self.reason:
             out["reason"] = self.reason
         if self.missing:
@@ -95,9 +110,12 @@ def _bucket_sizes(max_batch: int) -> list[int]:
 class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models: dict[str, ServedModel] = {}
+        self.models: dict[str, ServedModel] = {}  # name -> its default version (routing)
+        self.versions: dict[tuple[str, str], ServedModel] = {}  # (name, entry) -> every version held
+        self.unloaded: dict[str, str] = {}  # names unloaded by the repository -> why (for 404s)
         self.device = resolve_device(settings.device)
         self.default_name: str | None = None
+        self._started: list[ServedModel] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def discover(self) -> list[Path]:
@@ -115,9 +133,10 @@ class ModelRegistry:
         if wanted:
             names = {p.name for p in found}
             for missing in sorted(set(wanted) - names):
-                self.models[missing] = ServedModel(
+                failed = ServedModel(
                     missing, store / missing, status="failed", reason=f"no model {missing!r} in {store}"
                 )
+                self._publish(failed)
                 log.error("model %s: not in the store %s", missing, store)
             found = [p for p in found if p.name in wanted]
         return found
@@ -126,7 +145,7 @@ class ModelRegistry:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         for path in self.discover():
-            self.load(path)
+            self._started.append(self.load(path))
         ready = [n for n, m in self.models.items() if m.status == "ready"]
         self.default_name = self.settings.default_model or (
             PREFERRED_DEFAULT if PREFERRED_DEFAULT in self.models else (ready[0] if ready else None)
@@ -135,11 +154,18 @@ class ModelRegistry:
             "serving %d model(s): %s; default %s", len(ready), ", ".join(ready) or "none", self.default_name
         )
 
-    def load(self, path: Path) -> ServedModel:
-        """Load, verify, warm and start one model; any failure refuses the model, not the server."""
-        name = path.name
+    def startup_models(self) -> list[ServedModel]:
+        """The store entries this process loaded (or failed to load) at start, under their own name."""
+        return [m for m in self._started if self.versions.get((m.name, m.entry)) is m]
+
+    def load(self, path: Path, name: str | None = None, *, publish: bool = True) -> ServedModel:
+        """Load, verify, warm and start one store entry (as a version of ``name``, by default its
+        own); any failure refuses the model, not the server. ``publish`` puts it in the routing
+        table at once (startup); the repository publishes it itself once it is ready."""
+        name = name or path.name
         served = ServedModel(name, path)
-        self.models[name] = served
+        if publish:
+            self._publish(served)
         metrics.MODEL_READY.labels(model=name).set(0)
         t0 = time.perf_counter()
         try:
@@ -148,23 +174,41 @@ class ModelRegistry:
         except CardError as exc:
             served.status, served.reason = "failed", str(exc)
             log.error("model %s refused: %s", name, exc)
-            return served
         except Exception as exc:  # any other failure to build, load or warm is also a refusal
             served.status, served.reason = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("model %s refused", name)
+        if served.status == "failed":
+            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
             return served
         served.load_seconds = round(time.perf_counter() - t0, 3)
+        metrics.MODEL_LOAD_DURATION.observe(served.load_seconds)
         card = served.card
+        assert card is not None
         metrics.MODEL_READY.labels(model=name).set(1)
         log.info(
             "model %s ready in %.2f s (%s, %s, sha256 %s...)",
-            name,
+            name if served.entry == name else f"{name} (version {served.version}, entry {served.entry})",
             served.load_seconds,
             card.arch,
             self.device,
             card.weights_sha256[:12],
         )
         return served
+
+    def _publish(self, served: ServedModel, *, default: bool = True) -> None:
+        """Add ``served`` to the tables (replaced whole); as the default of its name unless told."""
+        versions = dict(self.versions)
+        versions[(served.name, served.entry)] = served
+        self.versions = versions
+        if default:
+            models = dict(self.models)
+            models[served.name] = served
+            self.models = models
+        self.unloaded.pop(served.name, None)
+        self._count()
+
+    def _count(self) -> None:
+        metrics.MODELS_LOADED.set(sum(1 for m in self.versions.values() if m.ready))
 
     def _start(self, served: ServedModel) -> None:
         s, name = self.settings, served.name
@@ -203,8 +247,92 @@ class ModelRegistry:
         served.batcher.start()
         served.status = "ready"
 
+    # -- the repository's changes (service/repository.py; one thread calls these) ---------------
+    def apply(self, wanted: list[Any]) -> None:
+        """Serve exactly the ``wanted`` records (service.repository.Record): unload the versions
+        no longer listed, load the new ones beside what is served, then move each default to its
+        recorded version once that is ready (never to one that is not, while another is)."""
+        want = {(r.name, r.entry): r for r in wanted}
+        for key, served in list(self.versions.items()):
+            if key not in want and served.status != "unloading":
+                self.unload(served, why=f"model {served.name!r} version {served.version} was unloaded")
+        for key, record in want.items():
+            held = self.versions.get(key)
+            if held is not None and not (held.status == "failed" and record.updated > held.requested):
+                continue
+            fresh = self.load(self.settings.model_store / record.entry, record.name, publish=False)
+            fresh.requested = record.updated
+            self._publish(fresh, default=False)
+        self._route(want)
+
+    def _route(self, want: dict[tuple[str, str], Any]) -> None:
+        models = dict(self.models)
+        names = {name for name, _ in want}
+        for name in names:
+            recorded = next(
+                (self.versions.get(k) for k, r in want.items() if k[0] == name and r.is_default), None
+            )
+            current = models.get(name)
+            if recorded is not None and (recorded.ready or current is None or not current.ready):
+                models[name] = recorded
+            elif current is not None and (current.name, current.entry) not in want:
+                # The current default was unloaded and the recorded one is not ready yet: any ready version.
+                ready = [v for k, v in self.versions.items() if k in want and k[0] == name and v.ready]
+                models[name] = ready[0] if ready else (recorded or current)
+        for name in list(models):
+            if name not in names and not any(k[0] == name for k in self.versions):
+                models.pop(name)
+                self.unloaded.setdefault(name, f"model {name!r} was unloaded from this deployment")
+        self.models = models
+        self._count()
+
+    def unload(self, served: ServedModel, *, why: str, drain_s: float = 5.0) -> None:
+        """Take ``served`` out of routing, let requests already on their way reach its batcher
+        (up to ``drain_s``), finish what it holds, then stop it."""
+        served.status = "unloading"
+        key = (served.name, served.entry)
+        if self.models.get(served.name) is served:
+            models = dict(self.models)
+            others = [
+                v for k, v in self.versions.items() if k[0] == served.name and v is not served and v.ready
+            ]
+            if others:
+                models[served.name] = others[0]
+            else:
+                models.pop(served.name)
+                self.unloaded[served.name] = why
+            self.models = models
+        if served.batcher is not None:
+            deadline = time.monotonic() + drain_s
+            while served.batcher.busy and time.monotonic() < deadline:
+                time.sleep(0.01)
+            served.batcher.stop(reason=why)
+        versions = dict(self.versions)
+        versions.pop(key, None)
+        self.versions = versions
+        if not any(k[0] == served.name for k in versions):
+            metrics.MODEL_READY.labels(model=served.name).set(0)
+        self._count()
+        log.info("model %s version %s (entry %s) unloaded", served.name, served.version, served.entry)
+
+    def local_states(self) -> list[Any]:
+        """Every version this process holds, as service.repository.LocalState rows."""
+        from service.repository import LocalState
+
+        return [
+            LocalState(
+                m.name,
+                m.entry,
+                m.version if m.card is not None else None,
+                "ready" if m.ready else m.status,
+                m.reason,
+                m.load_seconds,
+            )
+            for m in self.versions.values()
+        ]
+
     def stop(self, timeout: float = 10.0) -> None:
-        for m in self.models.values():
+        for m in self.versions.values():
             if m.batcher is not None:
                 m.batcher.stop(timeout)
             metrics.MODEL_READY.labels(model=m.name).set(0)
@@ -213,12 +341,33 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         model = self.models.get(name)
         if model is None:
+            if name in self.unloaded:
+                raise ModelNotFound(
+                    f"{self.unloaded[name]}; served: {', '.join(sorted(self.models)) or 'none'}"
+                )
             raise ModelNotFound(
                 f"no model named {name!r}; served: {', '.join(sorted(self.models)) or 'none'}"
             )
         if not model.ready:
             raise ModelNotReady(f"model {name!r} is not ready: {model.reason or model.status}")
         return model
+
+    def get_version(self, name: str, version: str) -> ServedModel:
+        """The loaded version ``version`` (sha256[:12]) of ``name``."""
+        default = self.get(name)
+        if default.version == version:
+            return default
+        for (n, _), m in self.versions.items():
+            if n == name and m.version == version:
+                if not m.ready:
+                    raise ModelNotReady(
+                        f"model {name!r} version {version} is not ready: {m.reason or m.status}"
+                    )
+                return m
+        have = sorted({m.version for (n, _), m in self.versions.items() if n == name})
+        raise ModelNotFound(
+            f"model {name!r} has no version {version!r} (loaded: {', '.join(have)})", code="version_not_found"
+        )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail = {}
@@ -234,6 +383,9 @@ class ModelRegistry:
             detail[name] = entry
         if self.settings.require_all_models:
             ok = bool(detail) and all(e["ready"] for e in detail.values())
+        elif self.default_name is not None and self.default_name in self.unloaded:
+            # The default model was unloaded on purpose: ready while any model serves.
+            ok = any(e["ready"] for e in detail.values())
         else:
             ok = self.default_name is not None and detail.get(self.default_name, {}).get("ready", False)
         return ok, detail

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
         description="the audit job store shared by API replicas and audit workers: sqlite:///PATH (one "
         "host; the default lies in var/, which git ignores) or postgresql://USER:PASSWORD@HOST:PORT/DB",
     )
+    repository_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="with the admin routes on: how often each replica reads the model repository's record "
+        "(loads and unloads said to another replica take effect here within this time)",
+    )
+    repository_load_timeout_s: float = Field(
+        120.0, gt=0, description="how long a repository load request waits for the model (202 after that)"
+    )
     audit_db_password: SecretStr | None = Field(
         None, description="password for the audit store's URL when the URL has none (keeps it out of URLs)"
     )

@@ -170,7 +170,7 @@ class AuditWorker:
         return {
             **c.job,
             "id": c.id,
-            "model_dir": str(s.model_store / c.model),
+            "model_dir": str(s.model_store / c.job.get("entry", c.model)),
             "upload": c.upload,
             "device": s.audit_device,
             "threads": s.audit_threads or default_threads(),

@@ -215,6 +215,7 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     # What any worker needs to run it; where and how (device, threads, priority) is the worker's.
     job: dict[str, Any] = {
         "weights_sha256": card.weights_sha256,
+        "entry": served.entry,  # the store directory of the version served (the repository's versions)
         "data": {"source": req.data.source, "dataset": req.data.dataset, "n": n, "seed": req.data.seed},
         "spec": spec.to_dict(),
         "request": request_record,

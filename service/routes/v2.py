@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import __version__, metrics
-from service.errors import InvalidInput, LimitExceeded, NotFound
+from service.errors import InvalidInput, LimitExceeded
 from service.http import draining, json_response
 from service.payloads import ImagePayload, b64decode
 from service.registry import ServedModel
@@ -73,12 +73,8 @@ async def ready(request: Request) -> Response:
 
 
 def _model(request: Request, name: str, version: str | None) -> ServedModel:
-    model = registry(request).get(name)
-    if version is not None and version != model.version:
-        raise NotFound(
-            f"model {name!r} has version {model.version}, not {version!r}", code="version_not_found"
-        )
-    return model
+    reg = registry(request)
+    return reg.get(name) if version is None else reg.get_version(name, version)
 
 
 def _metadata(model: ServedModel) -> dict[str, Any]:

@@ -373,3 +373,24 @@ def test_every_control_is_labelled_and_reachable_by_keyboard(console_server, bro
     wanted = {"model", "brush", "center", "clear", "upload", "eps", "steps", "restarts", "seed", "smallest"}
     wanted |= {"run-attack", "token", "use-token"}
     assert wanted <= set(reached), wanted - set(reached)
+
+
+def test_the_model_list_follows_loads_and_unloads_without_a_reload(console_server, browser) -> None:
+    """A model loaded through the repository API appears in the selector and leaves it when
+    unloaded, on a page that is not reloaded."""
+    open_console(browser, console_server.url)
+
+    def options(d: webdriver.Chrome) -> list[str]:
+        return js(d, "return [...document.getElementById('model').options].map((o) => o.value)")
+
+    assert options(browser) == ["tiny"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with console_server.client() as c:
+        r = c.post("/v2/repository/models/big/load", headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        wait(browser, lambda d: options(d) == ["tiny", "big"], timeout=30)
+        assert js(browser, "return document.getElementById('model').value") == "tiny"
+        r = c.post("/v2/repository/models/big/unload", headers=auth)
+        assert r.status_code == 200, r.text
+        wait(browser, lambda d: options(d) == ["tiny"], timeout=30)
+    assert page_errors(browser) == []

@@ -80,11 +80,8 @@ async function loadAttacks() {
 }
 
 // -- models ------------------------------------------------------------------------------------------
-async function loadModels() {
-  const body = await api("/v1/models");
-  state.models = body.models.filter((m) => m.ready);
-  const select = $("model");
-  select.replaceChildren(
+function fillModelSelect() {
+  $("model").replaceChildren(
     ...state.models.map((m) => {
       const option = document.createElement("option");
       option.value = m.name;
@@ -92,13 +89,58 @@ async function loadModels() {
       return option;
     }),
   );
+}
+
+async function loadModels() {
+  const body = await api("/v1/models");
+  state.models = body.models.filter((m) => m.ready);
+  fillModelSelect();
   if (!state.models.length) {
     say("No model is ready on this server.", true);
     return;
   }
   const preferred = state.models.find((m) => m.name === body.default_model) || state.models[0];
-  select.value = preferred.name;
+  $("model").value = preferred.name;
   await selectModel(preferred.name);
+}
+
+// Models are loaded, unloaded and replaced on a running deployment (the repository API): the list
+// follows within MODEL_POLL_MS, and a replaced or unloaded selection says so.
+const MODEL_POLL_MS = 5000;
+const modelKey = (models) => models.map((m) => `${m.name}@${m.version}`).join(",");
+
+async function refreshModels() {
+  try {
+    const body = await api("/v1/models");
+    const ready = body.models.filter((m) => m.ready);
+    if (modelKey(ready) === modelKey(state.models)) return;
+    const before = state.model;
+    state.models = ready;
+    fillModelSelect();
+    if (!ready.length) {
+      say("No model is ready on this server.", true);
+      return;
+    }
+    const same = before && ready.find((m) => m.name === before.name);
+    if (same) {
+      $("model").value = same.name;
+      if (same.version !== before.version) {
+        say(`Model ${same.name} now serves version ${same.version} (was ${before.version}).`);
+        await selectModel(same.name);
+      } else {
+        state.model = same;
+      }
+      return;
+    }
+    const next = ready.find((m) => m.name === body.default_model) || ready[0];
+    if (before) say(`Model ${before.name} was unloaded; showing ${next.name}.`, true);
+    $("model").value = next.name;
+    await selectModel(next.name);
+  } catch (err) {
+    // A missed refresh is retried at the next one; predictions keep their own error messages.
+  } finally {
+    setTimeout(refreshModels, MODEL_POLL_MS);
+  }
 }
 
 async function selectModel(name) {
@@ -784,5 +826,7 @@ function upload(file) {
 
 wire();
 refreshAudits();
-loadModels().catch((err) => say(`Could not load the models: ${describe(err)}`, true));
+loadModels()
+  .catch((err) => say(`Could not load the models: ${describe(err)}`, true))
+  .finally(() => setTimeout(refreshModels, MODEL_POLL_MS));
 loadAttacks().catch((err) => say(`Could not load the attack list: ${describe(err)}`, true));
