@@ -17,7 +17,7 @@ import torch
 
 from service import metrics
 from service.batching import Batcher, BatchStats
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotReady, ModelNotServed
 from service.inference import InferenceEngine
 from service.settings import Settings
 from training.card import CardError, ModelCard, headline, read_card
@@ -202,7 +202,7 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(
+            raise ModelNotServed(
                 f"no model named {name!r}; served: {', '.join(sorted(self.models)) or 'none'}"
             )
         if not model.ready:
