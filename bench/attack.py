@@ -3,7 +3,7 @@
 
 1. ``quiet``: wrk sends PNGs to ``:predict`` at N clients; no attack;
 2. ``attacks, isolated``: the same while attack clients send ``:attack`` requests back to back (the
-   console's default: one image, PGD-40, eps = the training eps), with the attack workers as
+   console's default: one image, PGD-40, eps = the training eps), with the attack-check children as
    shipped: a separate process under ``SCHED_IDLE`` at nice 10 (``ERC_ATTACK_SCHED_IDLE``);
 3. ``attacks, same priority``: the same with ``ERC_ATTACK_SCHED_IDLE=false ERC_ATTACK_NICENESS=0``,
    i.e. what running the attacks beside the batcher at the predictions' own priority costs.
@@ -121,7 +121,7 @@ def main() -> int:
                 quiet = run_wrk(srv.url, path, pngs, args.clients, args.seconds)
                 result["runs"]["quiet"] = {k: getattr(quiet, k) for k in FIGURES}
                 log(f"  quiet:          {quiet.rps} req/s p50 {quiet.p50_ms} p99 {quiet.p99_ms} ms")
-            with httpx.Client(base_url=srv.url, timeout=120) as c:  # start the attack worker
+            with httpx.Client(base_url=srv.url, timeout=120) as c:  # start the attack-check child
                 one = {"b64": base64.b64encode(pngs[0]).decode()}
                 body = {"instances": [one], "parameters": {"steps": 2}}
                 c.post(f"/v1/models/{args.model}:attack", json=body).raise_for_status()

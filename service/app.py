@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__, metrics
 from service.attack_check.pool import AttackPool
-from service.audit.jobs import AuditManager
+from service.audit.manager import AuditManager
 from service.embedding_map import EmbeddingMaps
 from service.errors import ServiceError
 from service.http import error_response, install_handlers

@@ -6,7 +6,7 @@
     +-- BadRequest            400      malformed JSON, base64, form data
     +-- Unauthorized          401      admin token missing or wrong
     +-- Forbidden             403      an operation turned off on this server (the :attack check)
-    +-- NotFound              404      unknown route, model or audit  (ModelNotFound)
+    +-- NotFound              404      unknown route, model or audit  (ModelNotServed)
     +-- Conflict              409      audit queue full; cancelling a finished audit
     +-- PayloadTooLarge       413      body, batch, pixel limits  (LimitExceeded)
     +-- UnsupportedMediaType  415      a Content-Type we do not read
@@ -57,7 +57,11 @@ class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
-class ModelNotFound(NotFound):
+class ModelNotServed(NotFound):
+    """No served model by the name requested (the code keeps its wire name). Not
+    :class:`training.card.ModelNotFound`, the library's error for a name that is in no model
+    store or run directory: a model may be in the store and still not be served (``ERC_MODELS``)."""
+
     code = "model_not_found"
 
 

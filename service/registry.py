@@ -24,7 +24,7 @@ import torch
 
 from service import metrics
 from service.batching import Batcher, BatchStats
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotReady, ModelNotServed
 from service.inference import InferenceEngine
 from service.settings import Settings
 from training.card import CardError, ModelCard, headline, read_card
@@ -342,10 +342,10 @@ class ModelRegistry:
         model = self.models.get(name)
         if model is None:
             if name in self.unloaded:
-                raise ModelNotFound(
+                raise ModelNotServed(
                     f"{self.unloaded[name]}; served: {', '.join(sorted(self.models)) or 'none'}"
                 )
-            raise ModelNotFound(
+            raise ModelNotServed(
                 f"no model named {name!r}; served: {', '.join(sorted(self.models)) or 'none'}"
             )
         if not model.ready:
@@ -365,7 +365,7 @@ class ModelRegistry:
                     )
                 return m
         have = sorted({m.version for (n, _), m in self.versions.items() if n == name})
-        raise ModelNotFound(
+        raise ModelNotServed(
             f"model {name!r} has no version {version!r} (loaded: {', '.join(have)})", code="version_not_found"
         )
 

@@ -135,20 +135,20 @@ class Settings(BaseSettings):
         "search adds runs); 413 beyond",
     )
     attack_concurrency: int = Field(
-        1, ge=1, le=16, description="attack worker processes (attacks running at once, server-wide)"
+        1, ge=1, le=16, description="attack-check child processes (attacks running at once, server-wide)"
     )
     attack_max_queue: int = Field(
-        4, ge=0, le=1024, description=":attack requests waiting for a worker (429 + Retry-After beyond)"
+        4, ge=0, le=1024, description=":attack requests waiting for a child (429 + Retry-After beyond)"
     )
     attack_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="longest an :attack request waits and runs (then 503)"
     )
-    attack_threads: int = Field(1, ge=1, le=256, description="torch threads of each attack worker process")
-    attack_niceness: int = Field(10, ge=0, le=19, description="nice value of the attack worker processes")
+    attack_threads: int = Field(1, ge=1, le=256, description="torch threads of each attack-check child")
+    attack_niceness: int = Field(10, ge=0, le=19, description="nice value of the attack-check children")
     attack_sched_idle: bool = Field(
         True,
-        description="run attack workers under SCHED_IDLE (Linux): they get a CPU only when predictions "
-        "leave one idle",
+        description="run attack-check children under SCHED_IDLE (Linux): they get a CPU only when "
+        "predictions leave one idle",
     )
     embedding_map_n: int = Field(
         2000, ge=10, le=10000, description="test images on the console's 2-D embedding map (per model)"

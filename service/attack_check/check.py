@@ -33,7 +33,7 @@ import torch
 
 from service.errors import InvalidInput, LimitExceeded
 from service.payloads import flag
-from training.attacks import build_attack
+from training.attacks import Model, build_attack
 
 LEVELS = 255  # 8-bit images: one grid step is 1/255
 SEED_MAX = 2**62 - 1  # torch.Generator.manual_seed takes 64 bits; the search adds small offsets
@@ -217,8 +217,6 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 # -- the attack ------------------------------------------------------------------------------------
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass

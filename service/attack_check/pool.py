@@ -1,14 +1,15 @@
-"""The attack check's own queue and workers, apart from the prediction batcher.
+"""The attack check's own queue and child processes, apart from the prediction batcher.
 
 A request joins a bounded queue (``ERC_ATTACK_MAX_QUEUE`` waiting behind ``ERC_ATTACK_CONCURRENCY``
 running; beyond that 429 with ``Retry-After``) and awaits its result. Each of the
-``ERC_ATTACK_CONCURRENCY`` dispatcher threads owns one worker process (:mod:`.worker`, spawned on
-first use and again after a crash), hands it one job at a time and resolves the request's future on
-the event loop. Attacks therefore never run on the event loop, never take a slot of the prediction
-batcher, and never hold the server's GIL: a worker is a separate process at a lower CPU priority.
+``ERC_ATTACK_CONCURRENCY`` dispatcher threads owns one attack-check child process (:mod:`.child`,
+spawned on first use and again after a crash, through :func:`service.child.spawn`), hands it one
+job at a time and resolves the request's future on the event loop. Attacks therefore never run on
+the event loop, never take a slot of the prediction batcher, and never hold the server's GIL: a
+child is a separate process at a lower CPU priority, and it dies with the server.
 
 Every request has a deadline (``ERC_ATTACK_TIMEOUT_S``, queue wait included): a job whose deadline
-passed while it queued is dropped unrun; a running one stops at its next forward pass; a worker
+passed while it queued is dropped unrun; a running one stops at its next forward pass; a child
 that does not answer a few seconds after the deadline is terminated and replaced.
 """
 
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import multiprocessing
 import queue
 import threading
 import time
@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import metrics
+from service.attack_check.child import CheckDone, CheckTimedOut, main
+from service.child import ChildSetup, Failed, spawn
 from service.errors import ServiceError, ServiceUnavailable, TooManyRequests
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0  # how long past its deadline a worker may take to report before it is replaced
+GRACE_S = 5.0  # how long past its deadline a child may take to report before it is replaced
 
 
 @dataclass
@@ -53,13 +55,12 @@ class AttackPool:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._threads: list[threading.Thread] = []
-        self._procs: dict[int, Any] = {}  # dispatcher index -> its worker process
+        self._procs: dict[int, Any] = {}  # dispatcher index -> its child process
         self._stopping = False
-        self._mean_s = 2.0  # running mean of a job's time in a worker, for Retry-After
-        self.ctx = multiprocessing.get_context("spawn")
+        self._mean_s = 2.0  # running mean of a job's time in a child, for Retry-After
 
     async def run(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
-        """Queue one job and await the worker's result (``ServiceError`` subclasses on refusal,
+        """Queue one job and await the child's result (``ServiceError`` subclasses on refusal,
         timeout or failure)."""
         with self._lock:
             if self._stopping:
@@ -85,7 +86,7 @@ class AttackPool:
         return await job.future
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, answer the queued ones 503, end the workers (a running job ends with its
+        """Refuse new jobs, answer the queued ones 503, end the children (a running job ends with its
         process) and join the dispatchers."""
         with self._lock:
             self._stopping = True
@@ -112,21 +113,14 @@ class AttackPool:
             t.start()
 
     def _spawn(self, i: int) -> tuple[Any, Any]:
-        from service.attack_check import worker
-
+        """Start dispatcher ``i``'s child (from the dispatcher's own thread, which outlives it: the
+        child dies with the thread that started it)."""
         s = self.settings
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(
-            target=worker.main,
-            args=(child, s.attack_threads, s.attack_niceness, s.attack_sched_idle),
-            name=f"attack-worker-{i}",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
+        how = ChildSetup(niceness=s.attack_niceness, sched_idle=s.attack_sched_idle, threads=s.attack_threads)
+        proc, conn = spawn(main, how, name=f"attack-check-{i}", duplex=True)
         self._procs[i] = proc
-        log.info("attack worker %d started (pid %s)", i, proc.pid)
-        return proc, parent
+        log.info("attack-check child %d started (pid %s)", i, proc.pid)
+        return proc, conn
 
     def _dispatch(self, i: int) -> None:
         proc: Any = None
@@ -143,7 +137,7 @@ class AttackPool:
                 except Exception as exc:  # the dispatcher must survive any single job
                     log.exception("attack job failed in the dispatcher")
                     outcome, sound = ServiceError(f"attack check failed: {type(exc).__name__}: {exc}"), False
-                if not sound and proc is not None:  # a worker that died or went silent: a fresh one next
+                if not sound and proc is not None:  # a child that died or went silent: a fresh one next
                     _end(proc)
                     proc = None
                 self._resolve(job, outcome)
@@ -158,8 +152,8 @@ class AttackPool:
         return ServiceUnavailable(message, code="attack_timeout", headers={"Retry-After": retry})
 
     def _run(self, job: _Job, proc: Any, conn: Any) -> tuple[dict[str, Any] | ServiceError, bool]:
-        """One job through the worker: the result dict or the error to answer with, and whether the
-        worker is still sound (it answered)."""
+        """One job through the child: the result dict or the error to answer with, and whether the
+        child is still sound (it answered)."""
         start = time.monotonic()
         metrics.ATTACK_QUEUE_WAIT.observe(start - job.enqueued)
         limit = self.settings.attack_timeout_s
@@ -180,14 +174,16 @@ class AttackPool:
         seconds = time.monotonic() - start
         metrics.ATTACK_DURATION.labels(model=job.model).observe(seconds)
         self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
-        if reply[0] == "done":
-            result: dict[str, Any] = reply[1]
+        if isinstance(reply, CheckDone):
+            result = reply.result
             result["queue_s"] = start - job.enqueued
             return result, True
-        if reply[0] == "timeout":
+        if isinstance(reply, CheckTimedOut):
             return self._timeout(f"{over}: fewer images, steps or restarts"), True
-        log.error("attack check failed: %s\n%s", reply[1], reply[2] if len(reply) > 2 else "")
-        return ServiceError(f"attack check failed: {reply[1]}"), True
+        if isinstance(reply, Failed):
+            log.error("attack check failed: %s\n%s", reply.message, reply.traceback)
+            return ServiceError(f"attack check failed: {reply.message}"), True
+        return ServiceError(f"attack check failed: unexpected answer {type(reply).__name__}"), False
 
     def _resolve(self, job: _Job, outcome: dict[str, Any] | ServiceError) -> None:
         if isinstance(outcome, ServiceError):
@@ -210,7 +206,7 @@ class AttackPool:
 
 
 def _end(proc: Any, wait: float = 0.0) -> None:
-    """Stop a worker process: wait ``wait`` seconds for it to exit by itself, then terminate it."""
+    """Stop a child process: wait ``wait`` seconds for it to exit by itself, then terminate it."""
     if wait:
         proc.join(wait)
     if proc.is_alive():

@@ -1,9 +1,12 @@
 """One audit from start to end: attacks, sanity checks, the 2-D embedding view, and the record
-of how it was made. Shared by ``erc audit`` and the service's audit jobs."""
+of how it was made, with its progress reported as it goes. Shared by ``erc audit`` and the audit
+child of the service's jobs (:mod:`service.audit.child`)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +16,7 @@ from service.audit.engine import AuditSpec, Engine, Progress, embedding_view, en
 from training.attacks import Suite, default_attacks
 
 CHECKS_SUBSET = 200
+PROGRESS_EVERY_S = 0.5  # how often ``on_progress`` hears of the audit's progress
 
 
 def checks_cost(spec: AuditSpec, n: int) -> float:
@@ -38,12 +42,44 @@ def run_audit(
     data_info: dict[str, Any],
     progress: Progress | None = None,
     cancel: Any = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` on ``x`` (``[N, C, H, W]`` in [0, 1]) with labels ``y``; returns a
-    JSON-serializable record."""
+    JSON-serializable record. ``on_progress``, when given, receives :meth:`Progress.snapshot` every
+    ``PROGRESS_EVERY_S`` from a thread of its own while the audit runs (``erc audit``'s bar, the
+    audit child's messages to its worker); it is not called after this returns or raises."""
+    progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
+    if on_progress is None:
+        return _run(model, x, y, spec, device, model_info, data_info, progress, cancel)
+    report = on_progress
+    done = threading.Event()
+
+    def reporter() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            report(progress.snapshot())
+
+    thread = threading.Thread(target=reporter, name="audit-progress", daemon=True)
+    thread.start()
+    try:
+        return _run(model, x, y, spec, device, model_info, data_info, progress, cancel)
+    finally:
+        done.set()
+        thread.join()
+
+
+def _run(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: AuditSpec,
+    device: torch.device,
+    model_info: dict[str, Any],
+    data_info: dict[str, Any],
+    progress: Progress,
+    cancel: Any,
+) -> dict[str, Any]:
     started = time.time()
     t0 = time.perf_counter()
-    progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
     engine = Engine(model, spec, device=device, cancel=cancel, progress=progress)
     result = engine.run(x, y)
     progress.add(0.0, "sanity checks")

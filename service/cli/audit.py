@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +67,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.audit.engine import AuditSpec, Progress
+    from service.audit.engine import AuditSpec
     from service.audit.report import headline, render
-    from service.audit.runner import card_metrics, checks_cost, default_eps, run_audit
+    from service.audit.runner import card_metrics, default_eps, run_audit
     from training.attacks import default_attacks
     from training.card import append_card_metrics, resolve_model
     from training.checkpoint import atomic_write_text
@@ -95,21 +94,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("erc: --update-card needs a store model audited on its own dataset")
     data = load_split(dataset, "test", args.data_dir, n=args.n, seed=args.data_seed, folder=loaded.folder)
     x, y = data.as_float(), data.labels
-    progress = Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
-    done = threading.Event()
-
-    def show() -> None:
-        with tqdm(total=100, desc="audit", unit="%", disable=args.no_progress, dynamic_ncols=True) as bar:
-            while not done.wait(0.5):
-                snap = progress.snapshot()
-                bar.n = int(100 * snap["fraction"])
-                bar.set_postfix_str(snap["stage"])
-                bar.refresh()
-            bar.n = 100
-            bar.refresh()
-
-    shower = threading.Thread(target=show, daemon=True)
-    shower.start()
     info = {
         "name": loaded.name,
         "weights_sha256": loaded.weights_sha256,
@@ -119,7 +103,13 @@ def run(args: argparse.Namespace) -> int:
         "train_eps": loaded.train_eps,
         "label_names": loaded.label_names,
     }
-    try:
+    with tqdm(total=100, desc="audit", unit="%", disable=args.no_progress, dynamic_ncols=True) as bar:
+
+        def show(snapshot: dict[str, Any]) -> None:
+            bar.n = int(100 * snapshot["fraction"])
+            bar.set_postfix_str(snapshot["stage"])
+            bar.refresh()
+
         result = run_audit(
             loaded.model,
             x,
@@ -128,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             model_info=info,
             data_info={"source": "test", "dataset": dataset, "n": len(x), "seed": args.data_seed},
-            progress=progress,
+            on_progress=show,
         )
-    finally:
-        done.set()
-        shower.join()
+        bar.n = 100
+        bar.refresh()
     folder = Path(args.out)
     atomic_write_text(folder / "audit.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(folder / "report.html", render(result))

@@ -48,8 +48,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from service.audit.jobs import AuditWorker
     from service.audit.store import StoreError
+    from service.audit.worker import AuditWorker
     from service.cli._common import settings_from_flags
     from training.errors import ErcError
 

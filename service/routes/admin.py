@@ -1,7 +1,7 @@
 """Admin API: robustness audits of the served models, behind a bearer token.
 
 With no ``ERC_ADMIN_TOKEN`` configured every admin route answers 404, as if it did not exist. A
-missing or wrong token gets 401 (compared in constant time). See :mod:`service.audit.jobs` for the
+missing or wrong token gets 401 (compared in constant time). See :mod:`service.audit.manager` for the
 queueing policy. The routes read and write the shared job store, so any API replica answers for
 any audit; they call it from the thread pool (a slow or unreachable database never blocks the event
 loop that serves predictions) and answer 503 ``audit_store_unavailable`` while it is down.
@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
 
 from service.audit.engine import AuditSpec
-from service.audit.jobs import AuditManager
+from service.audit.manager import AuditManager
 from service.audit.report import csp as report_csp
 from service.audit.runner import checks_cost, default_eps
 from service.audit.status import WITH_REPORT, JobStatus, status_groups

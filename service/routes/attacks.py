@@ -1,7 +1,7 @@
 """``GET /v1/attacks``: the attack registry as clients see it (read-only, no token): every attack a
 request may name (``POST /admin/audits``, ``erc audit --attack``), its norms, parameters with
 their defaults and allowed values, the presets and the default suite per norm. The console builds
-its attack list from it. Built once from :func:`training.attacks.registry.catalog`."""
+its attack list from it. Built once from :func:`training.attacks.catalog.catalog`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class AttackCatalog(BaseModel):
 
 @cache
 def _catalog() -> dict[str, Any]:
-    from training.attacks.registry import catalog
+    from training.attacks.catalog import catalog
 
     return catalog()
 

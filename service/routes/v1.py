@@ -43,7 +43,7 @@ async def get_model(name: str, request: Request) -> Response:
     reg = registry(request)
     model = reg.models.get(name)
     if model is None:
-        reg.get(name)  # raises ModelNotFound with the list of served names
+        reg.get(name)  # raises ModelNotServed with the list of served names
     assert model is not None
     return json_response(model.summary())
 

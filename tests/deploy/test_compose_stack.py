@@ -173,7 +173,7 @@ def test_api_classifies_real_mnist_images_like_the_model_in_process(stack, mnist
 
 
 def test_the_image_serves_the_console_and_attack_check(stack, mnist_sample) -> None:
-    """The console's files travel in the package (package data) and the attack worker process starts
+    """The console's files travel in the package (package data) and the attack-check child process starts
     inside the container."""
     with urllib.request.urlopen(f"{stack['url']}/", timeout=30) as page:
         assert page.status == 200 and "ER-Classifier console" in page.read().decode()

@@ -402,7 +402,7 @@ def test_admin_token_is_compared_in_constant_time(monkeypatch) -> None:
 
 
 def test_audit_ids_are_128_bit_random_hex(tmp_path: Path) -> None:
-    from service.audit.jobs import AuditManager
+    from service.audit.manager import AuditManager
     from service.settings import Settings
 
     manager = AuditManager(Settings(audit_db=f"sqlite:///{tmp_path}/audits.db"))

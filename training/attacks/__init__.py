@@ -1,7 +1,7 @@
 """Adversarial attacks as plain functions over a model (torch only; shared by training and service).
 
 Every attack keeps the contract described in :mod:`training.attacks.pgd` and declares itself once
-in its own module (:class:`~training.attacks.registry.AttackDef`); importing this package imports
+in its own module (:class:`~training.attacks.catalog.AttackDef`); importing this package imports
 every module in it, so the registry is complete and a new attack is one file plus its tests.
 Build attacks with :func:`build_attack` (or :func:`build_attacks` for requests that may name a
 preset such as ``autoattack``).
@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from training.attacks.registry import (
+from training.attacks.catalog import (
     ATTACKS,
     PRESETS,
     Attack,
     AttackDef,
     AttackError,
+    Model,
     Preset,
     Suite,
     build_attack,
@@ -28,7 +29,7 @@ from training.attacks.registry import (
     list_presets,
 )
 
-# Every module of the package registers what it defines (registry and steps define no attack).
+# Every module of the package registers what it defines (catalog and steps define no attack).
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
@@ -47,6 +48,7 @@ __all__ = [
     "AttackError",
     "L2Step",
     "LinfStep",
+    "Model",
     "Preset",
     "Suite",
     "apgd",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from training.attacks.registry import AttackDef, register
+from training.attacks.catalog import AttackDef, register
 from training.attacks.steps import LinfStep, Radius, per_sample
 
 

@@ -33,10 +33,8 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from training.attacks.registry import AttackDef, register
+from training.attacks.catalog import AttackDef, Model, register
 from training.attacks.steps import L2Step, LinfStep, Radius, get_step, per_sample
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 # Checkpoint schedule of the paper in hundredths, so that p_j stays exact: p_0 = 0, p_1 = 0.22,
 # p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06). In floats 0.22 + 0.19 = 0.41000000000000003,

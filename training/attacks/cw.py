@@ -25,15 +25,12 @@ radius that ``eps`` here (and every l_2 attack in this package) expects.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
+from training.attacks.catalog import AttackDef, Model, register
 from training.attacks.pgd import margin_loss
-from training.attacks.registry import AttackDef, register
 from training.attacks.steps import Radius, per_sample
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 # x = 0 or 1 would need w = -inf or +inf: shrink the box slightly before atanh.
 _TANH_MARGIN = 1e-6

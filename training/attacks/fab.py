@@ -25,14 +25,10 @@ refining a sample once an example within its ``eps`` is found (the verdict canno
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from training.attacks.registry import AttackDef, register
+from training.attacks.catalog import AttackDef, Model, register
 from training.attacks.steps import Radius, per_sample
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 def project_linf(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

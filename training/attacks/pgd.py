@@ -12,15 +12,11 @@ Contract shared by every attack in this package:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.nn import functional as F
 
-from training.attacks.registry import AttackDef, register
+from training.attacks.catalog import AttackDef, Model, register
 from training.attacks.steps import Radius, get_step, per_sample
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Attack suites run as a cascade (see :class:`training.attacks.registry.Preset`)."""
+"""Attack suites run as a cascade (see :class:`training.attacks.catalog.Preset`)."""
 
 from __future__ import annotations
 
-from training.attacks.registry import Preset, register_preset
+from training.attacks.catalog import Preset, register_preset
 
 # AutoAttack's standard version (Croce & Hein, ICML 2020; fra31/auto-attack, version="standard",
 # l_inf): APGD-CE, APGD-T over 9 target classes, FAB-T over 9 target classes (100 iterations each,

@@ -23,16 +23,13 @@ only attack samples that no earlier run fooled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 
+from training.attacks.catalog import AttackDef, Model, register
 from training.attacks.pgd import margin_loss
-from training.attacks.registry import AttackDef, register
 from training.attacks.steps import Radius, per_sample
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 # Iterations (of a 10,000-iteration run) after which the fraction p of changed pixels halves.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

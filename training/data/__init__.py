@@ -13,7 +13,9 @@ Readers, one per on-disk format, with no torchvision:
 Every split comes back as an :class:`ImageSet`: uint8 images [N, C, H, W] and int64 labels [N].
 Splits are "train" and "test" (the labelled evaluation split; Tiny ImageNet's ``val/``).
 Anything wrong with the files raises :class:`DataError`, whose message names the file.
-Where the files are looked for is described in :mod:`training.data.registry`; downloading with
+Each family's module declares its datasets (:class:`~training.data.datasets.DatasetSpec`) once and
+registers them; importing this package imports every module in it, so the registry is complete.
+Where the files are looked for is described in :mod:`training.data.datasets`; downloading with
 checksum verification is :func:`training.data.download.download`.
 
 Example::
@@ -23,15 +25,22 @@ Example::
     x, y = test.as_float(), test.labels  # [1000, 3, 32, 32] in [0, 1], [1000]
 """
 
+import importlib
+import pkgutil
+
 from training.data.core import DataError, DatasetInfo, ImageSet
-from training.data.folder import FolderOptions, is_folder
-from training.data.registry import (
+from training.data.datasets import (
     dataset_info,
     describe,
     list_datasets,
     load_split,
     resolve_data_dir,
 )
+from training.data.folder import FolderOptions, is_folder
+
+# Every module of the package that holds a dataset family registers its specs (the others, none).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "DataError",

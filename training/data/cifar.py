@@ -22,6 +22,15 @@ import numpy as np
 import numpy.typing as npt
 
 from training.data.core import DataError, DatasetInfo, ImageSet, from_numpy
+from training.data.datasets import (
+    SPLITS,
+    DatasetSpec,
+    FileSpec,
+    Resource,
+    download_hint,
+    register,
+    whole_split,
+)
 
 __all__ = ["META_FILE", "SPLIT_FILES", "SafeUnpickler", "read_cifar_split", "safe_unpickle"]
 
@@ -175,3 +184,59 @@ def read_cifar_split(root: Path, split: str, info: DatasetInfo) -> ImageSet:
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return from_numpy(images, labels, info)
+
+
+# The CIFAR spec (:mod:`training.data.datasets`): registered when :mod:`training.data` imports this
+# module.
+# Extracted files' md5 as torchvision lists them.
+_CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    META_FILE: "5ff9c542aee3614f3951f8cda6e48888",
+}
+
+# Exact per-channel statistics of the training images in [0, 1]. (CIFAR-10's often-quoted std
+# 0.2023/0.1994/0.2010 is the mean of per-image stds, not the dataset's std.)
+_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+register(
+    DatasetSpec(
+        info=DatasetInfo(
+            name="cifar10",
+            channels=3,
+            height=32,
+            width=32,
+            num_classes=10,
+            label_names=(
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ),
+            train_eps=0.03,  # paper, appendix "Epsilon selection"
+            mean=_CIFAR10_MEAN,
+            std=_CIFAR10_STD,
+        ),
+        reader=whole_split(read_cifar_split),
+        files=(
+            *(FileSpec((f,), md5=_CIFAR_MD5[f]) for split in SPLITS for f in SPLIT_FILES[split]),
+            FileSpec((META_FILE,), md5=_CIFAR_MD5[META_FILE], required=False),
+        ),
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        resources=(Resource("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", archive=True),),
+        folder="cifar-10-batches-py",
+        how_to_get=download_hint("cifar10"),
+        aliases=("cifar-10",),
+        order=30,
+    )
+)

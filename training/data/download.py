@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from training import __version__
 from training.data.core import DataError, checksum_file
-from training.data.registry import DatasetSpec, get_spec, holds
+from training.data.datasets import DatasetSpec, get_spec, holds
 
 __all__ = ["checksum_file", "download", "extract", "fetch", "source_url"]
 

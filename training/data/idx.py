@@ -13,12 +13,14 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from training.data.core import DataError, DatasetInfo, ImageSet, from_numpy
+from training.data.datasets import DatasetSpec, FileSpec, Resource, download_hint, register, whole_split
 
 __all__ = ["IDX_STEMS", "IMAGES_MAGIC", "LABELS_MAGIC", "read_idx", "read_idx_split", "variants"]
 
@@ -117,3 +119,102 @@ def read_idx_split(root: Path, split: str, info: DatasetInfo) -> ImageSet:
             path=label_path,
         )
     return from_numpy(images[:, None], labels, info)
+
+
+# The IDX sets' specs (:mod:`training.data.datasets`): registered when :mod:`training.data` imports
+# this module.
+
+
+def _idx_files(md5: Mapping[str, str], content_md5: Mapping[str, str]) -> tuple[FileSpec, ...]:
+    stems = [stem for pair in IDX_STEMS.values() for stem in pair]
+    return tuple(FileSpec(variants(s), md5=md5[s], content_md5=content_md5[s]) for s in stems)
+
+
+# md5 of the .gz files as published (torchvision's list) and of their decompressed content: the
+# latter recognizes re-compressed copies such as the Debian package's, whose gzip headers differ.
+_MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_MNIST_RAW_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+_FASHION_MD5 = {
+    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+_FASHION_RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+register(
+    DatasetSpec(
+        info=DatasetInfo(
+            name="mnist",
+            channels=1,
+            height=28,
+            width=28,
+            num_classes=10,
+            label_names=tuple(str(d) for d in range(10)),
+            train_eps=0.3,  # paper, appendix "Epsilon selection"
+            mean=None,
+            std=None,
+        ),
+        reader=whole_split(read_idx_split),
+        files=_idx_files(_MNIST_MD5, _MNIST_RAW_MD5),
+        base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
+        resources=tuple(Resource(f"{s}.gz", m) for s, m in _MNIST_MD5.items()),
+        layouts=("MNIST/raw",),
+        how_to_get=download_hint("mnist"),
+        order=10,
+    )
+)
+register(
+    DatasetSpec(
+        info=DatasetInfo(
+            name="fashion-mnist",
+            channels=1,
+            height=28,
+            width=28,
+            num_classes=10,
+            label_names=(
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Coat",
+                "Sandal",
+                "Shirt",
+                "Sneaker",
+                "Bag",
+                "Ankle boot",
+            ),
+            # Not in the paper (it has no Fashion-MNIST experiments): 0.1 is the radius commonly
+            # used for adversarial training on Fashion-MNIST, whose textures break down at 0.3.
+            train_eps=0.1,
+            mean=None,
+            std=None,
+        ),
+        reader=whole_split(read_idx_split),
+        files=_idx_files(_FASHION_MD5, _FASHION_RAW_MD5),
+        base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        resources=tuple(Resource(f"{s}.gz", m) for s, m in _FASHION_MD5.items()),
+        layouts=("FashionMNIST/raw",),
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        how_to_get=download_hint(
+            "fashion-mnist", ", or on Debian/Ubuntu `apt-get install dataset-fashion-mnist`"
+        ),
+        aliases=("fashionmnist",),
+        order=20,
+    )
+)

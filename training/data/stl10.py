@@ -14,6 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from training.data.core import DataError, DatasetInfo, ImageSet, from_numpy
+from training.data.datasets import (
+    SPLITS,
+    DatasetSpec,
+    FileSpec,
+    Resource,
+    download_hint,
+    register,
+    whole_split,
+)
 
 __all__ = ["CLASS_NAMES_FILE", "SPLIT_FILES", "read_stl10_split"]
 
@@ -70,3 +79,42 @@ def read_stl10_split(root: Path, split: str, info: DatasetInfo) -> ImageSet:
         raw.reshape(count, info.channels, info.width, info.height).transpose(0, 1, 3, 2)
     )
     return from_numpy(images, labels.astype(np.int64) - 1, info)
+
+
+# The STL-10 spec (:mod:`training.data.datasets`): registered when :mod:`training.data` imports this
+# module.
+_STL_MD5 = {
+    "train_X.bin": "918c2871b30a85fa023e0c44e0bee87f",
+    "train_y.bin": "5a34089d4802c674881badbb80307741",
+    "test_X.bin": "7f263ba9f9e0b06b93213547f721ac82",
+    "test_y.bin": "36f9794fa4beb8a2c72628de14fa638e",
+}
+# Exact per-channel statistics of the training images in [0, 1].
+_STL10_MEAN, _STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
+
+register(
+    DatasetSpec(
+        info=DatasetInfo(
+            name="stl10",
+            channels=3,
+            height=96,
+            width=96,
+            num_classes=10,
+            label_names=("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+            train_eps=0.03,  # paper, appendix "Epsilon selection"
+            mean=_STL10_MEAN,
+            std=_STL10_STD,
+        ),
+        reader=whole_split(read_stl10_split),
+        files=(
+            *(FileSpec((f,), md5=_STL_MD5[f]) for split in SPLITS for f in SPLIT_FILES[split]),
+            FileSpec((CLASS_NAMES_FILE,), required=False),
+        ),
+        base_url="http://ai.stanford.edu/~acoates/stl10/",
+        resources=(Resource("stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb", archive=True),),
+        folder="stl10_binary",
+        how_to_get=download_hint("stl10"),
+        aliases=("stl-10",),
+        order=40,
+    )
+)

@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from training.data.cache import decode_parallel, load_arrays, store_arrays, user_cache_dir
 from training.data.core import DataError, DatasetInfo, ImageSet, from_numpy, subset_indices
+from training.data.datasets import DatasetSpec, FileSpec, Resource, download_hint, register
 
 __all__ = [
     "VAL_ANNOTATIONS",
@@ -257,3 +258,40 @@ def read_tiny_imagenet_split(
     images = _decode_all(root, files, info, f"tiny-imagenet {split}")
     store_arrays(cache_dirs(root), split, key, {"images": images, "labels": labels})
     return from_numpy(images, labels, info)
+
+
+# The Tiny ImageNet spec (:mod:`training.data.datasets`): registered when :mod:`training.data`
+# imports this module.
+# Tiny ImageNet is an ImageNet subset: the usual ImageNet statistics.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+register(
+    DatasetSpec(
+        info=DatasetInfo(
+            name="tiny-imagenet",
+            channels=3,
+            height=64,
+            width=64,
+            num_classes=200,
+            label_names=(),  # read from wnids.txt / words.txt by load_split
+            train_eps=0.01,  # paper, appendix "Epsilon selection"
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+        ),
+        reader=read_tiny_imagenet_split,
+        files=(
+            FileSpec((WNIDS_FILE,)),
+            FileSpec((WORDS_FILE,), required=False),
+            FileSpec(("train",), is_dir=True),
+            FileSpec(("val/images",), is_dir=True),
+            FileSpec((VAL_ANNOTATIONS,)),
+        ),
+        base_url="http://cs231n.stanford.edu/",
+        resources=(Resource("tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", archive=True),),
+        folder="tiny-imagenet-200",
+        how_to_get=download_hint("tiny-imagenet"),
+        label_reader=lambda root, info: label_names(root, read_wnids(root, info)),
+        aliases=("tinyimagenet", "tiny-imagenet-200"),
+        order=50,
+    )
+)

@@ -9,7 +9,7 @@ import pytest
 from service.errors import InvalidInput
 from service.routes.admin import ATTACK_NAMES, AuditRequest, _spec
 from training.attacks import ATTACKS, PRESETS, list_attacks, list_presets
-from training.attacks.registry import NORMS
+from training.attacks.catalog import NORMS
 
 
 def test_the_api_offers_every_public_attack_and_preset() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from service.cli import main
 from training.attacks import ATTACKS, list_attacks
-from training.attacks.registry import NORMS
+from training.attacks.catalog import NORMS
 
 NOWHERE = "/nonexistent-erc-test"
 # subcommand arguments -> what the one line must say

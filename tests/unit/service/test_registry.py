@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotReady, ModelNotServed
 from service.registry import ModelRegistry
 from service.settings import Settings
 
@@ -25,7 +25,7 @@ def test_entries_without_a_card_are_refused_with_a_reason(tmp_path: Path) -> Non
     assert not ok and detail["empty"]["ready"] is False
     with pytest.raises(ModelNotReady, match="no card"):
         reg.get("empty")
-    with pytest.raises(ModelNotFound, match="empty, garbled"):
+    with pytest.raises(ModelNotServed, match="empty, garbled"):
         reg.get("nope")
 
 

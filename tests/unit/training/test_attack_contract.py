@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from training.attacks import ATTACKS, AttackError, build_attack, get_step, list_attacks
-from training.attacks.registry import NORMS
+from training.attacks.catalog import NORMS
 from training.models import EmbeddingClassifier
 from training.typicality.fit import fit
 

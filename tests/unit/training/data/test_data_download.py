@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from training.data import DataError, load_split, registry
+from training.data import DataError, datasets, load_split
 from training.data.download import checksum_file, download, extract
 
 MNIST_FILES = [
@@ -146,7 +146,7 @@ def test_archive_download_and_extract(
     dataset, name, md5 = _archive(kind, http_server, writers, tmp_path)
     dest = tmp_path / "data" / dataset
     paths = download(dataset, dest, mirror=http_server.url, checksums={name: md5})
-    folder = registry.get_spec(dataset).folder
+    folder = datasets.get_spec(dataset).folder
     assert folder is not None
     assert paths == [dest / name, dest / folder]
     assert _leftovers(dest) == []

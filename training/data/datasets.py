@@ -1,9 +1,15 @@
-"""The dataset registry: one :class:`DatasetSpec` per dataset, and the functions built on it.
+"""The datasets: what a dataset is (:class:`DatasetSpec`), the registry of them, and the functions
+built on it (where the data lies, loading a split, ``erc data info``).
 
 A spec says everything the package knows about a dataset: its :class:`DatasetInfo`, the files
 that must be on disk (with checksums where published), the reader, where to download it from and
-where it may already lie on this machine. Adding a dataset means adding one spec here and, for a
-new on-disk format, one reader module; nothing else branches on the dataset's name.
+where it may already lie on this machine. Each dataset family declares its specs once, in its own
+module beside its reader, and calls :func:`register` (as each attack does in
+:mod:`training.attacks`): :mod:`training.data.idx` (the IDX sets: MNIST, Fashion-MNIST),
+:mod:`training.data.cifar`, :mod:`training.data.stl10`, :mod:`training.data.tiny_imagenet`.
+:mod:`training.data` imports every module of the package, so the registry is complete; a new
+dataset is one spec in its family's module, a new family one module. Nothing here branches on a
+dataset's name.
 
 Where the data lies (:func:`resolve_data_dir`)
 ----------------------------------------------
@@ -34,27 +40,14 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training.data.cache import user_cache_home
-from training.data.cifar import META_FILE, read_cifar_split
-from training.data.cifar import SPLIT_FILES as CIFAR_FILES
 from training.data.core import DataError, DatasetInfo, ImageSet, checksum_file, md5_bytes
 from training.data.folder import FolderOptions, check_folder, folder_root, is_folder, load_folder
-from training.data.idx import IDX_STEMS, read_idx_split, variants
-from training.data.stl10 import CLASS_NAMES_FILE, read_stl10_split
-from training.data.stl10 import SPLIT_FILES as STL_FILES
-from training.data.tiny_imagenet import (
-    VAL_ANNOTATIONS,
-    WNIDS_FILE,
-    WORDS_FILE,
-    label_names,
-    read_tiny_imagenet_split,
-    read_wnids,
-)
 from training.errors import UnknownName
 
 __all__ = [
@@ -64,13 +57,16 @@ __all__ = [
     "Resource",
     "dataset_info",
     "describe",
+    "download_hint",
     "get_spec",
     "holds",
     "list_datasets",
     "load_split",
+    "register",
     "resolve_data_dir",
     "search_dirs",
     "user_data_dir",
+    "whole_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,6 +112,10 @@ class DatasetSpec:
     how_to_get: str = ""
     # For sets whose class names live in the files (Tiny ImageNet): (root, info) -> label names.
     label_reader: Callable[[Path, DatasetInfo], tuple[str, ...]] | None = None
+    aliases: tuple[str, ...] = ()  # further accepted names ("cifar-10"): lower case, "-" not "_"
+    # Where it is listed (erc list, erc data list/check, an error's known names): the paper's
+    # order, whatever order the family modules are imported in (ties: import order).
+    order: int = 100
 
 
 def user_data_dir() -> Path:
@@ -123,7 +123,7 @@ def user_data_dir() -> Path:
     return user_cache_home() / "data"
 
 
-def _whole(read: Callable[[Path, str, DatasetInfo], ImageSet]) -> Reader:
+def whole_split(read: Callable[[Path, str, DatasetInfo], ImageSet]) -> Reader:
     """Adapt a reader that always reads the whole split: subset afterwards."""
 
     def reader(root: Path, split: str, info: DatasetInfo, n: int | None, seed: int) -> ImageSet:
@@ -132,228 +132,27 @@ def _whole(read: Callable[[Path, str, DatasetInfo], ImageSet]) -> Reader:
     return reader
 
 
-def _idx_files(md5: Mapping[str, str], content_md5: Mapping[str, str]) -> tuple[FileSpec, ...]:
-    stems = [stem for pair in IDX_STEMS.values() for stem in pair]
-    return tuple(FileSpec(variants(s), md5=md5[s], content_md5=content_md5[s]) for s in stems)
-
-
-def _download_hint(name: str, extra: str = "") -> str:
+def download_hint(name: str, extra: str = "") -> str:
+    """A spec's ``how_to_get`` for a dataset that ``erc data download`` fetches."""
     return f"run `erc data download {name} --data-dir DIR` (DIR e.g. $ERC_DATA_DIR/{name}){extra}"
 
 
-# md5 of the .gz files as published (torchvision's list) and of their decompressed content: the
-# latter recognizes re-compressed copies such as the Debian package's, whose gzip headers differ.
-_MNIST_MD5 = {
-    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
-}
-_MNIST_RAW_MD5 = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
-_FASHION_MD5 = {
-    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
-}
-_FASHION_RAW_MD5 = {
-    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}
-# Extracted files' md5 as torchvision lists them.
-_CIFAR_MD5 = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-    META_FILE: "5ff9c542aee3614f3951f8cda6e48888",
-}
-_STL_MD5 = {
-    "train_X.bin": "918c2871b30a85fa023e0c44e0bee87f",
-    "train_y.bin": "5a34089d4802c674881badbb80307741",
-    "test_X.bin": "7f263ba9f9e0b06b93213547f721ac82",
-    "test_y.bin": "36f9794fa4beb8a2c72628de14fa638e",
-}
-
-# Exact per-channel statistics of the training images in [0, 1]. (CIFAR-10's often-quoted std
-# 0.2023/0.1994/0.2010 is the mean of per-image stds, not the dataset's std.)
-_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-_STL10_MEAN, _STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
-# Tiny ImageNet is an ImageNet subset: the usual ImageNet statistics.
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-_SPECS: dict[str, DatasetSpec] = {}
-_ALIASES = {
-    "fashionmnist": "fashion-mnist",
-    "cifar-10": "cifar10",
-    "stl-10": "stl10",
-    "tinyimagenet": "tiny-imagenet",
-    "tiny-imagenet-200": "tiny-imagenet",
-}
+_SPECS: dict[str, DatasetSpec] = {}  # canonical name -> spec, in listing order
+_ALIASES: dict[str, str] = {}  # alias -> canonical name
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-    """Add a dataset to the registry (its ``info.name`` is the key)."""
-    if spec.info.name in _SPECS:
-        raise ValueError(f"dataset {spec.info.name!r} is already registered")
-    _SPECS[spec.info.name] = spec
+    """Add a dataset to the registry (its ``info.name`` is the key); called once, by the module of
+    its family."""
+    name = spec.info.name
+    for key in (name, *spec.aliases):
+        if key in _SPECS or key in _ALIASES:
+            raise ValueError(f"dataset name {key!r} of {name!r} is already registered")
+    ordered = sorted([*_SPECS.values(), spec], key=lambda sp: sp.order)  # stable
+    _SPECS.clear()
+    _SPECS.update((sp.info.name, sp) for sp in ordered)
+    _ALIASES.update(dict.fromkeys(spec.aliases, name))
     return spec
-
-
-register(
-    DatasetSpec(
-        info=DatasetInfo(
-            name="mnist",
-            channels=1,
-            height=28,
-            width=28,
-            num_classes=10,
-            label_names=tuple(str(d) for d in range(10)),
-            train_eps=0.3,  # paper, appendix "Epsilon selection"
-            mean=None,
-            std=None,
-        ),
-        reader=_whole(read_idx_split),
-        files=_idx_files(_MNIST_MD5, _MNIST_RAW_MD5),
-        base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-        resources=tuple(Resource(f"{s}.gz", m) for s, m in _MNIST_MD5.items()),
-        layouts=("MNIST/raw",),
-        how_to_get=_download_hint("mnist"),
-    )
-)
-register(
-    DatasetSpec(
-        info=DatasetInfo(
-            name="fashion-mnist",
-            channels=1,
-            height=28,
-            width=28,
-            num_classes=10,
-            label_names=(
-                "T-shirt/top",
-                "Trouser",
-                "Pullover",
-                "Dress",
-                "Coat",
-                "Sandal",
-                "Shirt",
-                "Sneaker",
-                "Bag",
-                "Ankle boot",
-            ),
-            # Not in the paper (it has no Fashion-MNIST experiments): 0.1 is the radius commonly
-            # used for adversarial training on Fashion-MNIST, whose textures break down at 0.3.
-            train_eps=0.1,
-            mean=None,
-            std=None,
-        ),
-        reader=_whole(read_idx_split),
-        files=_idx_files(_FASHION_MD5, _FASHION_RAW_MD5),
-        base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        resources=tuple(Resource(f"{s}.gz", m) for s, m in _FASHION_MD5.items()),
-        layouts=("FashionMNIST/raw",),
-        system_dirs=("/usr/share/datasets/fashion-mnist",),
-        how_to_get=_download_hint(
-            "fashion-mnist", ", or on Debian/Ubuntu `apt-get install dataset-fashion-mnist`"
-        ),
-    )
-)
-register(
-    DatasetSpec(
-        info=DatasetInfo(
-            name="cifar10",
-            channels=3,
-            height=32,
-            width=32,
-            num_classes=10,
-            label_names=(
-                "airplane",
-                "automobile",
-                "bird",
-                "cat",
-                "deer",
-                "dog",
-                "frog",
-                "horse",
-                "ship",
-                "truck",
-            ),
-            train_eps=0.03,  # paper, appendix "Epsilon selection"
-            mean=_CIFAR10_MEAN,
-            std=_CIFAR10_STD,
-        ),
-        reader=_whole(read_cifar_split),
-        files=(
-            *(FileSpec((f,), md5=_CIFAR_MD5[f]) for split in SPLITS for f in CIFAR_FILES[split]),
-            FileSpec((META_FILE,), md5=_CIFAR_MD5[META_FILE], required=False),
-        ),
-        base_url="https://www.cs.toronto.edu/~kriz/",
-        resources=(Resource("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", archive=True),),
-        folder="cifar-10-batches-py",
-        how_to_get=_download_hint("cifar10"),
-    )
-)
-register(
-    DatasetSpec(
-        info=DatasetInfo(
-            name="stl10",
-            channels=3,
-            height=96,
-            width=96,
-            num_classes=10,
-            label_names=("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
-            train_eps=0.03,  # paper, appendix "Epsilon selection"
-            mean=_STL10_MEAN,
-            std=_STL10_STD,
-        ),
-        reader=_whole(read_stl10_split),
-        files=(
-            *(FileSpec((f,), md5=_STL_MD5[f]) for split in SPLITS for f in STL_FILES[split]),
-            FileSpec((CLASS_NAMES_FILE,), required=False),
-        ),
-        base_url="http://ai.stanford.edu/~acoates/stl10/",
-        resources=(Resource("stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb", archive=True),),
-        folder="stl10_binary",
-        how_to_get=_download_hint("stl10"),
-    )
-)
-register(
-    DatasetSpec(
-        info=DatasetInfo(
-            name="tiny-imagenet",
-            channels=3,
-            height=64,
-            width=64,
-            num_classes=200,
-            label_names=(),  # read from wnids.txt / words.txt by load_split
-            train_eps=0.01,  # paper, appendix "Epsilon selection"
-            mean=_IMAGENET_MEAN,
-            std=_IMAGENET_STD,
-        ),
-        reader=read_tiny_imagenet_split,
-        files=(
-            FileSpec((WNIDS_FILE,)),
-            FileSpec((WORDS_FILE,), required=False),
-            FileSpec(("train",), is_dir=True),
-            FileSpec(("val/images",), is_dir=True),
-            FileSpec((VAL_ANNOTATIONS,)),
-        ),
-        base_url="http://cs231n.stanford.edu/",
-        resources=(Resource("tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", archive=True),),
-        folder="tiny-imagenet-200",
-        how_to_get=_download_hint("tiny-imagenet"),
-        label_reader=lambda root, info: label_names(root, read_wnids(root, info)),
-    )
-)
 
 
 def _canonical(name: str) -> str:

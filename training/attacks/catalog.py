@@ -25,6 +25,8 @@ import torch
 
 from training.errors import ErcError
 
+# What every attack attacks: images [N, C, H, W] in [0, 1] -> logits [N, classes] (the one
+# definition; attacks, the audit engine and the attack check import it from here).
 Model = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
 # Keyword arguments every attack function receives from the caller rather than from its parameters.

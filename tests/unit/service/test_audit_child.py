@@ -1,4 +1,5 @@
-"""The audit process refuses weights other than those served, and reports how it ended."""
+"""The audit child refuses weights other than those served, and reports how it ended in typed
+messages."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from service.audit import worker
+from service.audit import child
+from service.audit.child import AuditDone, AuditProgress
 from service.audit.engine import AuditSpec
+from service.child import ChildSetup, Failed
 from training.attacks import build_attacks
 from training.config import load_config
 from training.export import export_run
@@ -43,8 +46,6 @@ def _job(store: Path, sha: str) -> dict:
         "model_dir": str(store / "m"),
         "weights_sha256": sha,
         "device": "cpu",
-        "threads": None,
-        "niceness": 0,
         "data": {"source": "test", "dataset": None, "n": 40, "seed": 0},
         "spec": {
             "eps": [0, 0.2],
@@ -58,24 +59,28 @@ def _job(store: Path, sha: str) -> dict:
 
 
 def _messages(job: dict) -> list:
-    parent, child = multiprocessing.Pipe(duplex=False)
-    # In-process, in a thread: the same code the spawned process runs. The result and the report
-    # travel through the pipe, far beyond its buffer, so they are read while the worker writes.
-    run = threading.Thread(target=worker.main, args=(job, child))
+    parent, conn = multiprocessing.Pipe(duplex=False)
+    # In-process, in a thread: the same code the spawned process runs (not dying with this test's
+    # parent, not niced). The result and the report travel through the pipe, far beyond its
+    # buffer, so they are read while the child writes.
+    how = ChildSetup(niceness=0, die_with_parent=False)
+    run = threading.Thread(target=child.main, args=(conn, how, job))
     run.start()
     out = []
     while True:
         try:
             out.append(parent.recv())
-        except EOFError:  # the worker closed its end: everything has been read
+        except EOFError:  # the child closed its end: everything has been read
             run.join()
             return out
 
 
 def test_refuses_other_weights_than_those_served(store: Path) -> None:
     msgs = _messages(_job(store, "0" * 64))
-    assert msgs[-1][0] == "failed" and "changed on disk" in msgs[-1][1]
-    assert [m[0] for m in msgs] == ["failed"], "no result for a refused audit"
+    assert isinstance(msgs[-1], Failed) and "changed on disk" in msgs[-1].message, msgs
+    assert msgs[-1].message.startswith("RuntimeError: weights of m changed on disk")
+    assert "not auditing other weights than those served" in msgs[-1].message
+    assert len(msgs) == 1, "no result for a refused audit"
 
 
 def test_hands_back_the_result_and_the_report(store: Path) -> None:
@@ -84,9 +89,10 @@ def test_hands_back_the_result_and_the_report(store: Path) -> None:
     from training.card import read_card
 
     msgs = _messages(_job(store, read_card(store / "m").weights_sha256))
-    kind, result_json, html = msgs[-1]
-    assert kind == "done", msgs[-1]
-    result = json.loads(result_json)
+    done = msgs[-1]
+    assert isinstance(done, AuditDone), done
+    assert all(isinstance(m, AuditProgress) for m in msgs[:-1])
+    result, html = json.loads(done.result_json), done.report_html
     assert result["id"] == "a" * 32 and result["clean"]["n"] == 40
     assert html.startswith("<!doctype html>") and len(html) > 65536, "larger than a pipe's buffer"
 
