@@ -257,6 +257,55 @@ def test_an_audit_through_the_proxy_runs_on_the_worker_and_any_replica_answers(p
     )
 
 
+def test_a_model_rolled_into_the_running_stack_through_the_proxy(stack, mnist_sample) -> None:
+    """docs/deploy.md's roll-out on the running stack: a new store entry (the bind-mounted
+    model_store) is loaded through the proxy and reaches every replica; predictions to mnist-er
+    never fail meanwhile; unloaded, it answers 404 on every replica."""
+    import threading
+    from collections import Counter
+
+    store = Path(stack["ctx"]) / "model_store"
+    shutil.copytree(store / "mnist-er", store / "canary")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    png = {"content": mnist_sample.pngs[0], "headers": {"content-type": "image/png"}}
+    stop, outcomes = threading.Event(), Counter()
+
+    def steady() -> None:
+        with httpx.Client(base_url=stack["url"], timeout=30) as c:
+            while not stop.is_set():
+                outcomes[c.post("/v1/models/mnist-er:predict", **png).status_code] += 1
+
+    client = threading.Thread(target=steady)
+    client.start()
+    try:
+        with httpx.Client(base_url=stack["url"], timeout=120) as c:
+            r = c.post("/v2/repository/models/canary/load", headers=auth)
+            assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+            deadline = time.time() + 60
+            while [c.post("/v1/models/canary:predict", **png).status_code for _ in range(3 * REPLICAS)] != [
+                200
+            ] * (3 * REPLICAS):
+                assert time.time() < deadline, "the load did not reach every replica"
+                time.sleep(0.5)
+            index = {row["name"]: row for row in c.post("/v2/repository/index", headers=auth).json()}
+            assert index["canary"]["state"] == "READY" and len(index["canary"]["replicas"]) == REPLICAS
+            label = c.post("/v1/models/mnist-er:predict", **png).json()["predictions"][0]["label"]
+            assert c.post("/v1/models/canary:predict", **png).json()["predictions"][0]["label"] == label
+            r = c.post("/v2/repository/models/canary/unload", headers=auth)
+            assert r.status_code == 200, r.text
+            deadline = time.time() + 60
+            while {c.post("/v1/models/canary:predict", **png).status_code for _ in range(3 * REPLICAS)} != {
+                404
+            }:
+                assert time.time() < deadline, "the unload did not reach every replica"
+                time.sleep(0.5)
+    finally:
+        stop.set()
+        client.join()
+        shutil.rmtree(store / "canary", ignore_errors=True)
+    assert outcomes[200] > 0 and set(outcomes) == {200}, outcomes
+
+
 def test_prometheus_scrapes_every_replica_the_worker_and_torchserve(podman, stack) -> None:
     code = (
         "import json, urllib.request\n"
