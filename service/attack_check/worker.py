@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from service.attack_check.check import CheckParams, DeadlineExceeded, from_uint8, run_check
-from training.card import load_model
+from training.formats import load_served
 
 
 def _lower_priority(niceness: int, sched_idle: bool) -> None:
@@ -56,7 +56,7 @@ def _serve(job: dict[str, Any], models: dict[str, torch.nn.Module]) -> tuple[str
     sha = job["weights_sha256"]
     model = models.get(sha)
     if model is None:
-        model, card = load_model(job["model_dir"], torch.device("cpu"))
+        model, card = load_served(job["model_dir"], torch.device("cpu"))
         if card.weights_sha256 != sha:
             raise RuntimeError(
                 f"weights of {card.name} changed on disk ({card.weights_sha256[:12]}) since the server "

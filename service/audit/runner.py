@@ -10,7 +10,8 @@ import torch
 
 from service.audit.checks import run_checks
 from service.audit.engine import AuditSpec, Engine, Progress, embedding_view, environment
-from training.attacks import Suite, default_attacks
+from training.attacks import Suite, default_attacks, require_queries_only
+from training.formats import capabilities_of
 
 CHECKS_SUBSET = 200
 
@@ -41,6 +42,8 @@ def run_audit(
 ) -> dict[str, Any]:
     """Audit ``model`` on ``x`` (``[N, C, H, W]`` in [0, 1]) with labels ``y``; returns a
     JSON-serializable record."""
+    caps = capabilities_of(model)
+    require_queries_only(spec.suite, gradients=caps.gradients, why=caps.why_no_gradients)
     started = time.time()
     t0 = time.perf_counter()
     progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
@@ -52,7 +55,8 @@ def run_audit(
     view = None
     st = engine.state
     eps_pos = [e for e in result["eps"] if e > 0]
-    if eps_pos and len(st.idx):
+    caps = capabilities_of(engine.model)
+    if eps_pos and len(st.idx) and caps.embedding:
         # The worst examples of the whole suite at the largest eps (for a cascade, the last attack's
         # store holds every attack's findings).
         label = spec.attacks[-1].label
@@ -79,6 +83,12 @@ def run_audit(
             "batch_size": spec.batch_size,
         },
         seeds={"attacks": spec.seed, "data": data_info.get("seed")},
+        # What the figures mean: a white-box worst case, or (no input gradients) an upper bound.
+        threat_model={
+            "white_box": caps.gradients,
+            "note": caps.threat_note,
+            "embedding": caps.embedding,
+        },
         checks=[c.to_dict() for c in checks],
         embedding=view,
         environment=environment(device),

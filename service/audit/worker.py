@@ -25,9 +25,10 @@ import torch
 from service.audit.engine import AuditSpec, Progress
 from service.audit.report import render
 from service.audit.runner import checks_cost, run_audit
-from training.card import ModelCard, load_model
+from training.card import ModelCard
 from training.data import load_split
 from training.devices import resolve_device
+from training.formats import load_served
 
 
 def load_data(job: dict[str, Any], card: ModelCard) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -74,7 +75,7 @@ def main(job: dict[str, Any], conn: Any) -> None:
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         device = resolve_device(job["device"])
-        model, card = load_model(job["model_dir"], device)
+        model, card = load_served(job["model_dir"], device)
         if card.weights_sha256 != job["weights_sha256"]:
             raise RuntimeError(
                 f"weights of {card.name} changed on disk ({card.weights_sha256[:12]}) since the server "

@@ -26,6 +26,7 @@ from training.attacks.registry import (
     get_attack_def,
     list_attacks,
     list_presets,
+    require_queries_only,
 )
 
 # Every module of the package registers what it defines (registry and steps define no attack).
@@ -68,6 +69,7 @@ __all__ = [
     "per_sample",
     "pgd",
     "project_linf",
+    "require_queries_only",
     "rms_to_l2",
     "square_linf",
 ]
