@@ -98,7 +98,13 @@ def check_model(net: ServedNet, spec: ImportSpec, probe: torch.Tensor) -> list[d
     m = len(spec.label_names)
     n = len(probe)
     done = []
-    logits, z = _call(net, probe, "input_shape")
+    try:
+        logits, z = _call(net, probe, "input_shape")
+    except ImportRefused as exc:
+        raise ImportRefused(
+            f"{exc} on a batch [{n}, {c}, {h}, {w}] (the declared shape with a batch of {n}: a static "
+            "batch dimension? export with dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+        ) from None
     done.append(check("input_shape", True, ""))
     shape = list(logits.shape)
     done.append(
@@ -262,7 +268,7 @@ def import_model(
     stage = StagedModel(store, spec.name)
     try:
         target = stage.dir / fmt.file_name
-        shutil.copyfile(path, target)
+        (fmt.store or shutil.copyfile)(path, target)
         target.chmod(READABLE_FILE)
         card.weights_sha256 = sha256_file(target)
         card.num_parameters = sum(p.numel() for p in direct.parameters())

@@ -63,7 +63,7 @@ def run_checks(
                 "warn",
                 None,
                 None,
-                f"{BLACK_BOX_NOTE}: only query attacks ran ({caps.why_no_gradients})",
+                f"{BLACK_BOX_NOTE}: the model gives no input gradients, so only query attacks ran",
             )
         )
 

@@ -48,6 +48,7 @@ IMPORTED_FORMATS: dict[str, Format] = {
         onnx.load,
         False,
         f"ONNX through onnxruntime: {BLACK_BOX_NOTE}",
+        onnx.store_file,
     ),
 }
 

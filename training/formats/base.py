@@ -144,3 +144,5 @@ class Format:
     load: Callable[[Path, dict[str, Any], torch.device], ServedNet]
     white_box: bool  # gradients available when the import's gradient probe passes
     description: str
+    # (source, target): how erc import stores the file (default: a byte copy)
+    store: Callable[[Path, Path], None] | None = None

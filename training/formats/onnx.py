@@ -75,6 +75,21 @@ class OnnxNet(ServedNet):
         return self  # the session is immutable and thread-safe; nothing to copy
 
 
+def store_file(source: Path, target: Path) -> None:
+    """Copy an ONNX model into the store as one self-contained file: weights the exporter wrote as
+    external data (``model.onnx.data`` beside it) are read and embedded, so the card's sha256
+    covers every weight."""
+    try:
+        import onnx as onnx_lib
+    except ImportError as exc:
+        raise ModelFileError(f"{source}: importing ONNX models needs the onnx package: {exc}") from None
+    try:
+        model = onnx_lib.load(str(source), load_external_data=True)
+        onnx_lib.save_model(model, str(target), save_as_external_data=False)
+    except Exception as exc:  # protobuf decode errors, missing external data files
+        raise ModelFileError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
 def load(path: Path, imported: dict[str, Any], device: torch.device) -> ServedNet:
     try:
         import onnxruntime as ort
