@@ -114,9 +114,9 @@ def load_served(
 ) -> tuple[torch.nn.Module, ModelCard]:
     """Load the store model in ``model_dir``, refusing weights other than those the server serves
     (``doing``: what the child would do with them, for the message, e.g. ``"auditing"``)."""
-    from training.card import load_model
+    from training.formats import load_served as load_store_model
 
-    model, card = load_model(model_dir, device)
+    model, card = load_store_model(model_dir, device)
     if card.weights_sha256 != weights_sha256:
         raise RuntimeError(
             f"weights of {card.name} changed on disk ({card.weights_sha256[:12]}) since the server "

@@ -47,7 +47,8 @@ class EmbeddingMaps:
         return self._maps[key]
 
     async def _build(self, model: ServedModel) -> dict[str, Any]:
-        assert model.card is not None and model.batcher is not None
+        assert model.card is not None and model.batcher is not None and model.engine is not None
+        model.engine.require_embedding("the embedding map")
         card = model.card
         try:
             data = await run_in_threadpool(load_split, card.dataset, "test", n=self.n, seed=SEED)

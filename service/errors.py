@@ -11,6 +11,8 @@
     +-- PayloadTooLarge       413      body, batch, pixel limits  (LimitExceeded)
     +-- UnsupportedMediaType  415      a Content-Type we do not read
     +-- InvalidInput          422      not an image, corrupt image, bad tensor values or shape
+    +-- CapabilityMissing     422      the model lacks what was asked for: an embedding, input
+                                       gradients (white-box attacks on a black-box model)
     +-- TooManyRequests       429      the :attack queue is full (with Retry-After)
     +-- ServiceUnavailable    503      model not ready, queue full (with Retry-After), audit
                                        store unreachable (AuditStoreUnavailable, admin routes only)
@@ -83,6 +85,10 @@ class UnsupportedMediaType(ServiceError):
 
 class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
+
+
+class CapabilityMissing(ServiceError):
+    status, code = 422, "capability_missing"
 
 
 class InvalidImage(InvalidInput):

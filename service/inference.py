@@ -2,7 +2,9 @@
 
 ``InferenceEngine.forward`` maps a batch ``[N, C, H, W]`` (floats in [0, 1]) to numpy arrays:
 logits ``[N, m]``, probabilities ``[N, m]``, embeddings ``[N, k]`` (the encoder's output, the
-paper's z-tilde) and labels ``[N]``, from one pass through the encoder and one through the head.
+paper's z-tilde, or an imported model's named embedding output; ``[N, 0]`` for a model without
+one) and labels ``[N]``, from one pass of the served model (:mod:`training.formats`: the engine
+asks its ``capabilities``, never its class).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.errors import CapabilityMissing
 from service.imaging import InputSpec
-from training.card import ModelCard, load_model
-from training.models import EmbeddingClassifier
+from training.card import ModelCard
+from training.formats import Capabilities, ServedNet, load_served
 from training.typicality import Typicality
 
 
@@ -24,7 +27,7 @@ from training.typicality import Typicality
 class Outputs:
     logits: np.ndarray  # [N, m] float32
     probabilities: np.ndarray  # [N, m] float32
-    embedding: np.ndarray  # [N, k] float32
+    embedding: np.ndarray  # [N, k] float32 ([N, 0] for a model without an embedding)
     label: np.ndarray  # [N] int64
     # Embedding typicality (training.typicality), when the model's card has it; else None.
     prior_log_density: np.ndarray | None = None  # [N] float32
@@ -84,8 +87,9 @@ class Outputs:
 class InferenceEngine:
     """A loaded, verified model on its device, in eval mode, ready for batches."""
 
-    def __init__(self, model: EmbeddingClassifier, card: ModelCard, device: torch.device) -> None:
+    def __init__(self, model: ServedNet, card: ModelCard, device: torch.device) -> None:
         self.model = model.eval().to(device)
+        self.capabilities: Capabilities = model.capabilities
         self.card = card
         self.device = device
         # On the CPU, oneDNN's convolutions run faster on NHWC tensors (measured on the paper's MNIST
@@ -93,16 +97,18 @@ class InferenceEngine:
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.spec = InputSpec.from_shape(card.input_shape)
-        # RSE models average noisy passes: their logits come from the ensemble, the embedding
-        # from one pass. Deterministic models get both from a single pass.
-        self.ensemble = int(getattr(model, "ensemble", 1))
         # Optional parts the card holds but that cannot be used: {part: why}. The model is served
         # without them (its predictions do not depend on them); /v1/models and /readyz say so.
         self.missing: dict[str, str] = {}
         self.typicality = self._typicality(card)
 
+    def require_embedding(self, what: str) -> None:
+        """Raise a 422 naming what is missing when ``what`` needs an embedding this model lacks."""
+        if not self.capabilities.embedding:
+            raise CapabilityMissing(f"{what} needs an embedding: {self.capabilities.why_no_embedding}")
+
     def _typicality(self, card: ModelCard) -> Typicality | None:
-        if not card.typicality:
+        if not card.typicality or not self.capabilities.embedding:
             return None
         try:
             return Typicality.from_dict(card.typicality)
@@ -114,7 +120,7 @@ class InferenceEngine:
     @classmethod
     def from_store(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> InferenceEngine:
         dev = torch.device(device)
-        model, card = load_model(model_dir, dev)
+        model, card = load_served(model_dir, dev)
         return cls(model, card, dev)
 
     @property
@@ -124,8 +130,10 @@ class InferenceEngine:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> Outputs:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        z = self.model.forward_features(x)
-        logits = self.model.forward_head(z) if self.ensemble == 1 else self.model(x)
+        # ER models: the encoder's embedding and the head of it (RSE: the ensemble's logits).
+        logits, z = self.model.forward_with_embedding(x)
+        if z is None:
+            z = logits.new_zeros(len(logits), 0)
         probs = torch.softmax(logits.float(), dim=1)
         out = Outputs(
             logits.float().cpu().numpy(),

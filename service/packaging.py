@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from training.card import CARD_FILE, load_model, read_card
+from training.card import CARD_FILE, read_card
+from training.formats import load_served
 
 HANDLER = Path(__file__).with_name("torchserve_handler.py")
 
@@ -37,7 +38,7 @@ def package_model(
     out_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     model_dir = Path(store) / name
-    load_model(model_dir)  # refuse to package a model the service itself would refuse
+    load_served(model_dir)  # refuse to package a model the service itself would refuse
     card = read_card(model_dir)
     out = Path(out_dir) if out_dir is not None else Path(store)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from service.inference import InferenceEngine
 from service.settings import Settings
 from training.card import CardError, ModelCard, headline, read_card
 from training.devices import resolve_device
+from training.formats import BLACK_BOX_NOTE
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class ServedModel:
                 weights_dtype=c.weights_dtype,
                 train_eps=c.train_eps,
                 typicality=self.engine is not None and self.engine.typicality is not None,
+                model_format=c.model_format,
+                capabilities=c.capabilities,
+                threat_model=None if c.white_box else BLACK_BOX_NOTE,
                 warnings=c.warnings,
                 headline=headline(c.metrics, c.train_eps),
                 metrics=[

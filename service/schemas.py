@@ -180,6 +180,15 @@ class ModelSummary(BaseModel):
     warnings: list[str] | None = Field(
         None, description="what export found wrong with the model (accuracy at chance, ...)"
     )
+    model_format: str | None = Field(
+        None, description="er (this project's checkpoints), or an imported pt2, torchscript or onnx model"
+    )
+    capabilities: dict[str, Any] | None = Field(
+        None, description="gradients (white-box attacks and audits) and embedding (:embed, typicality)"
+    )
+    threat_model: str | None = Field(
+        None, description='for a black-box model: "black-box: an upper bound, not a worst case"'
+    )
 
 
 class ModelList(BaseModel):

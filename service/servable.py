@@ -2,11 +2,13 @@
 handler will, and answer the same images through both (``erc export`` runs this on the staged
 directory, so a model the server would refuse never replaces anything).
 
-Checks: the card and weights load through :class:`~service.inference.InferenceEngine` with every
-optional part usable (a card whose typicality cannot be used is refused here, where the server
-would serve the model without it); logits, embeddings and typicality scores are finite; the
-TorchServe handler (when TorchServe is installed) answers PNG files of those images with the same
-labels and probabilities as the engine. Failures raise :class:`NotServable` with one line.
+Checks: the card and weights (or an imported model file) load through
+:class:`~service.inference.InferenceEngine` with every optional part usable (a card whose
+typicality cannot be used is refused here, where the server would serve the model without it);
+logits, embeddings and typicality scores are finite; for ``erc import``, the served logits equal
+the model file's run directly; the TorchServe handler (when TorchServe is installed) answers PNG
+files of those images with the same labels and probabilities as the engine. Failures raise
+:class:`NotServable` with one line.
 """
 
 from __future__ import annotations
@@ -64,8 +66,12 @@ def _finite(name: str, out: Outputs) -> None:
             raise NotServable(f"{name}: the served model gives non-finite {part} on probe images")
 
 
-def check_servable(model_dir: str | Path) -> None:
-    """Raise :class:`NotServable` unless ``model_dir`` serves as written (see the module doc)."""
+def check_servable(model_dir: str | Path, reference: torch.nn.Module | None = None) -> None:
+    """Raise :class:`NotServable` unless ``model_dir`` serves as written (see the module doc).
+
+    ``reference`` (``erc import``: the model file run directly, [0, 1] images -> logits): the
+    served logits must equal its logits on the probe images (same labels, within float tolerance).
+    """
     model_dir = Path(model_dir)
     try:
         engine = InferenceEngine.from_store(model_dir, "cpu")
@@ -76,8 +82,20 @@ def check_servable(model_dir: str | Path) -> None:
         part, why = next(iter(engine.missing.items()))
         raise NotServable(f"{name}: the service would serve it without {part}: {why}")
     images = probe_images(engine.card.input_shape)
-    out = engine.forward(torch.from_numpy(images).float().div(255.0))
+    x = torch.from_numpy(images).float().div(255.0)
+    out = engine.forward(x)
     _finite(name, out)
+    if reference is not None:
+        with torch.no_grad():
+            direct = reference(x).float().cpu().numpy()
+        if not np.allclose(out.logits, direct, atol=1e-4, rtol=1e-4) or (
+            out.label.tolist() != direct.argmax(1).tolist()
+        ):
+            diff = float(np.abs(out.logits - direct).max())
+            raise NotServable(
+                f"{name}: check served_equals_file: the store entry's logits differ from the file run "
+                f"directly by up to {diff:.3g}"
+            )
     try:
         from service.torchserve_handler import ERCHandler
     except ImportError as exc:  # TorchServe is an optional extra

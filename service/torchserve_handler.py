@@ -75,6 +75,8 @@ class ERCHandler(BaseHandler):
             try:
                 payload = self._payload(row.get("data") if row.get("data") is not None else row.get("body"))
                 req.options = prediction_options(payload.params)
+                if req.options["embedding"]:
+                    self.engine.require_embedding("return_embedding")
                 x, req.decoded = decode_all(payload, self.engine.spec, self.max_pixels)
                 req.rows = (start, start + len(x))
                 start += len(x)

@@ -4,7 +4,11 @@ The card travels with the weights (timm's pretrained cfg, nanoGPT's checkpoint d
 and its arguments, dataset, input shape and channels, label names, the preprocessing of image
 files, the training eps, embedding size and prior, the training method and config, how the data
 was read (an image folder's layout, split, counts and skipped files), the metrics measured *on the
-stored weights* with the attack that produced them, and the sha256 of the weights file. Nothing
+stored weights* with the attack that produced them, and the sha256 of the weights file. An
+imported model (``erc import``: torch.export, TorchScript, ONNX) has ``model_format`` set, its
+model file in ``weights_file`` (sha256-verified the same way) and what the import declared and
+measured in ``imported`` (mean/std, embedding output, capabilities, checks); it is loaded through
+:func:`training.formats.load_served`. Nothing
 downstream (service, audits, evaluation) needs a dataset registry entry: the card is enough.
 Loading refuses weights whose sha256 differs from the card's, and builds the network from the card
 alone. Only safetensors are read: nothing
@@ -83,6 +87,12 @@ class ModelCard:
     warnings: list[str] = field(default_factory=list)
     # The worst robust accuracy measured at the training eps (derived from metrics on every write).
     headline: dict[str, Any] = field(default_factory=dict)
+    # "er": this project's EmbeddingClassifier + safetensors; else an imported format
+    # (training.formats: "pt2", "torchscript", "onnx") whose model file is ``weights_file``.
+    model_format: str = "er"
+    # Imported models: source file, mean/std applied inside the model, embedding output,
+    # capabilities (gradients, embedding) and the import's checks (training.importing).
+    imported: dict[str, Any] = field(default_factory=dict)
     format: str = CARD_FORMAT
 
     @property
@@ -92,6 +102,21 @@ class ModelCard:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """What the model can do (training.formats.base.Capabilities as a dict)."""
+        if self.model_format == "er":
+            return {"gradients": True, "embedding": True, "head": True}
+        return dict(self.imported.get("capabilities") or {})
+
+    @property
+    def white_box(self) -> bool:
+        return bool(self.capabilities.get("gradients", False))
+
+    @property
+    def has_embedding(self) -> bool:
+        return bool(self.capabilities.get("embedding", False))
 
     @property
     def train_eps(self) -> float:
@@ -195,12 +220,9 @@ def build_model(card: ModelCard) -> EmbeddingClassifier:
     return model
 
 
-def load_model(
-    model_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[EmbeddingClassifier, ModelCard]:
-    """Verify and load a stored model; returns it in eval mode, float32, on ``device``."""
+def verified_file(model_dir: str | os.PathLike[str], card: ModelCard) -> Path:
+    """The card's weights (or model) file, after checking that its sha256 is the card's."""
     model_dir = Path(model_dir)
-    card = read_card(model_dir)
     weights = model_dir / card.weights_file
     if Path(card.weights_file).name != card.weights_file:
         raise CardError(f"{model_dir / CARD_FILE}: weights_file must be a plain file name")
@@ -212,6 +234,22 @@ def load_model(
         raise CardError(f"{weights}: unreadable ({exc.strerror or exc})") from None
     if actual != card.weights_sha256:
         raise CardError(f"{weights}: sha256 {actual} does not match the card's {card.weights_sha256}")
+    return weights
+
+
+def load_model(
+    model_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[EmbeddingClassifier, ModelCard]:
+    """Verify and load a stored ER model; returns it in eval mode, float32, on ``device``.
+    (Any store entry, imported ones included: :func:`training.formats.load_served`.)"""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if card.model_format != "er":
+        raise CardError(
+            f"{model_dir}: an imported {card.model_format} model, not an ER checkpoint "
+            "(this command needs the network's weights; the service and audits serve it)"
+        )
+    weights = verified_file(model_dir, card)
     model = build_model(card)
     try:
         state = load_file(str(weights), device="cpu")
@@ -263,7 +301,9 @@ class StagedModel:
         card.created = card.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         card.versions = card.versions or {"erc": __version__, "torch": str(torch.__version__)}
         write_card(self.dir, card)
-        load_model(self.dir)  # the staged directory must load before it replaces anything
+        from training.formats import load_served
+
+        load_served(self.dir)  # the staged directory must load before it replaces anything
         if verify is not None:
             verify(self.dir)
         final = self.store / self.name
@@ -313,7 +353,9 @@ def append_card_metrics(model_dir: str | os.PathLike[str], metrics: list[dict[st
 # -- any model reference -> a loaded network ------------------------------------------------------
 @dataclass
 class LoadedModel:
-    """A network ready to evaluate, with what is known about it."""
+    """A network ready to evaluate, with what is known about it. ``model`` is the ER network
+    itself for ER entries and runs, the served model (:class:`training.formats.ServedNet`, same
+    call contract: [0, 1] images -> logits, ``forward_features``) for imported entries."""
 
     model: EmbeddingClassifier
     name: str
@@ -325,6 +367,7 @@ class LoadedModel:
     input_shape: list[int]  # [C, H, W]
     label_names: list[str]
     folder: FolderOptions  # how an image folder is read for this model (any folder:PATH it is run on)
+    card: ModelCard | None = None  # store entries: the card (model_format, capabilities)
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> EmbeddingClassifier:
@@ -356,7 +399,15 @@ def resolve_model(
     candidates = [Path(store) / ref, Path(ref)]
     for path in candidates:
         if (path / CARD_FILE).is_file():
-            model, card = load_model(path, dev)
+            card = read_card(path)
+            if card.model_format == "er":
+                model, card = load_model(path, dev)
+            else:
+                from training.formats import build_served
+
+                # Same call contract as the ER network ([0, 1] images -> logits); typed as one
+                # for the evaluation code, which only calls it and its forward_features.
+                model = build_served(card, path, dev)  # type: ignore[assignment]
             sha = card.weights_sha256
             return LoadedModel(
                 model,
@@ -369,6 +420,7 @@ def resolve_model(
                 list(card.input_shape),
                 list(card.label_names),
                 card.folder_options(),
+                card,
             )
     for path in candidates:
         if (path / CHECKPOINT).is_file():

@@ -16,6 +16,7 @@ import torch
 
 from service.audit.engine import Engine, RunState, predict_labels, zero_gradient_share
 from training.attacks import build_attack
+from training.formats import BLACK_BOX_NOTE, capabilities_of
 
 
 @dataclass
@@ -54,6 +55,17 @@ def run_checks(
     black_box = [a for a in spec.attacks if not a.spec.gradient]
     iterative = [a for a in spec.attacks if a.spec.iterative]
     strongest = iterative[0] if iterative else (gradient[0] if gradient else None)
+    caps = capabilities_of(engine.model)
+    if not caps.gradients:  # a black-box model: what its figures mean, and no gradient checks
+        checks.append(
+            Check(
+                "black_box",
+                "warn",
+                None,
+                None,
+                f"{BLACK_BOX_NOTE}: the model gives no input gradients, so only query attacks ran",
+            )
+        )
 
     # 1. An attack at eps 0 changes nothing and leaves the clean accuracy.
     if strongest is not None and len(idx):
@@ -129,7 +141,7 @@ def run_checks(
 
     # 5. At a very large eps accuracy must collapse (any image can become uniform grey).
     pgd = build_attack("pgd", {"steps": 20, "restarts": 1}, spec.norm)
-    if len(idx):
+    if len(idx) and caps.gradients:
         big = _large_eps(spec.norm, xs)
         adv = engine.attack_stacked(pgd, xs, ys, [big], spec.seed + 11)[0]
         acc = _acc(engine, adv, ys)
@@ -204,7 +216,7 @@ def run_checks(
         )
 
     # 8. Share of samples with an exactly zero input gradient.
-    if len(idx):
+    if len(idx) and caps.gradients:
         share = zero_gradient_share(engine.model, xs, ys, engine.device, spec.batch_size)
         checks.append(
             Check(

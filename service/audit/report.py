@@ -176,6 +176,11 @@ def render(result: dict[str, Any]) -> str:
             f"<b>{_pct(lead['accuracy'])}</b> {_ci(lead)} of n = {lead['n']} samples survive every attack "
             f"of {e(str(suite.get('label', 'the audit')))}.</p>"
         )
+    threat = result.get("threat_model") or {}
+    if threat.get("note"):  # a black-box model: only query attacks ran
+        lead_html += (
+            f"<p class='lead'><b>{e(str(threat['note']))}</b>: only query attacks ran on this model.</p>"
+        )
     cascade_note = (
         " The attacks ran as a cascade (each only on what the earlier ones missed): each column is the "
         "worst case of its attack and the attacks before it."

@@ -13,7 +13,8 @@ import torch
 
 from service.audit.checks import run_checks
 from service.audit.engine import AuditSpec, Engine, Progress, embedding_view, environment
-from training.attacks import Suite, default_attacks
+from training.attacks import Suite, default_attacks, require_queries_only
+from training.formats import capabilities_of
 
 CHECKS_SUBSET = 200
 PROGRESS_EVERY_S = 0.5  # how often ``on_progress`` hears of the audit's progress
@@ -47,7 +48,10 @@ def run_audit(
     """Audit ``model`` on ``x`` (``[N, C, H, W]`` in [0, 1]) with labels ``y``; returns a
     JSON-serializable record. ``on_progress``, when given, receives :meth:`Progress.snapshot` every
     ``PROGRESS_EVERY_S`` from a thread of its own while the audit runs (``erc audit``'s bar, the
-    audit child's messages to its worker); it is not called after this returns or raises."""
+    audit child's messages to its worker); it is not called after this returns or raises. A model
+    without input gradients (black-box) takes query attacks only: anything else is refused."""
+    caps = capabilities_of(model)
+    require_queries_only(spec.suite, gradients=caps.gradients, why=caps.why_no_gradients)
     progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
     if on_progress is None:
         return _run(model, x, y, spec, device, model_info, data_info, progress, cancel)
@@ -88,7 +92,8 @@ def _run(
     view = None
     st = engine.state
     eps_pos = [e for e in result["eps"] if e > 0]
-    if eps_pos and len(st.idx):
+    caps = capabilities_of(engine.model)
+    if eps_pos and len(st.idx) and caps.embedding:
         # The worst examples of the whole suite at the largest eps (for a cascade, the last attack's
         # store holds every attack's findings).
         label = spec.attacks[-1].label
@@ -115,6 +120,12 @@ def _run(
             "batch_size": spec.batch_size,
         },
         seeds={"attacks": spec.seed, "data": data_info.get("seed")},
+        # What the figures mean: a white-box worst case, or (no input gradients) an upper bound.
+        threat_model={
+            "white_box": caps.gradients,
+            "note": caps.threat_note,
+            "embedding": caps.embedding,
+        },
         checks=[c.to_dict() for c in checks],
         embedding=view,
         environment=environment(device),

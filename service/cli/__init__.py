@@ -23,6 +23,7 @@ COMMANDS = (
     "train",
     "eval",
     "export",
+    "import_model",
     "typicality",
     "intrinsic_dim",
     "data",

@@ -60,8 +60,18 @@ def register(sub: Any) -> None:
         action="store_true",
         help="add the clean accuracy and each eps's worst case to the store model's card",
     )
+    au.add_argument(
+        "--fail-under",
+        type=float,
+        metavar="ACCURACY",
+        help="release gate: exit with status 3 when the audit's worst case (at the training eps, else "
+        "the largest eps; a fraction, e.g. 0.85) is below it; the compared figure is printed last",
+    )
     au.add_argument("--no-progress", action="store_true")
     au.set_defaults(run=run)
+
+
+GATE_FAILED = 3  # erc audit --fail-under: the worst case is below the bar (1: an error)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,11 +85,16 @@ def run(args: argparse.Namespace) -> int:
     from training.checkpoint import atomic_write_text
     from training.data import load_split
     from training.devices import resolve_device
+    from training.formats import capabilities_of
 
-    defaults = [(a.name, dict(a.params)) for a in default_attacks(args.norm).attacks]
-    suite = suite_from_args(args, default=defaults)
+    if args.fail_under is not None and not 0.0 <= args.fail_under <= 1.0:
+        raise SystemExit(f"erc: --fail-under is an accuracy in [0, 1], got {args.fail_under}")
     device = resolve_device(args.device)
     loaded = resolve_model(args.model, args.store, args.device)
+    caps = capabilities_of(loaded.model)
+    # A black-box model (no input gradients) gets the query attacks; white-box ones are refused.
+    default = default_attacks(args.norm, gradients=caps.gradients)
+    suite = suite_from_args(args, default=[(a.name, dict(a.params)) for a in default.attacks])
     spec = AuditSpec(
         eps=sorted(set(args.eps)) if args.eps else default_eps(loaded.train_eps),
         suite=suite,
@@ -102,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": loaded.dataset,
         "train_eps": loaded.train_eps,
         "label_names": loaded.label_names,
+        "model_format": loaded.card.model_format if loaded.card else "er",
     }
     with tqdm(total=100, desc="audit", unit="%", disable=args.no_progress, dynamic_ncols=True) as bar:
 
@@ -147,4 +163,19 @@ def run(args: argparse.Namespace) -> int:
     for c in result["checks"]:
         out(f"  [{c['status'].upper():4}] {c['name']}: {c['message']}")
     out(f"wrote {folder / 'audit.json'} and {folder / 'report.html'} ({result['timings_s']['total']:.1f} s)")
+    if caps.threat_note:
+        out(f"{loaded.name}: {caps.threat_note}")
+    if args.fail_under is not None:
+        return release_gate(lead, args.fail_under)
     return 0
+
+
+def release_gate(lead: dict[str, Any] | None, bar: float) -> int:
+    """``--fail-under``: the compared figure as the last line; :data:`GATE_FAILED` when below."""
+    if lead is None:
+        out(f"fail-under {bar:g}: FAIL: no robust figure measured (no eps above 0)")
+        return GATE_FAILED
+    value = float(lead["accuracy"])
+    verdict = "PASS" if value >= bar else "FAIL"
+    out(f"fail-under {bar:g}: {verdict}: worst case {value:.4f} at eps {lead['eps']:g} (n={lead['n']})")
+    return 0 if value >= bar else GATE_FAILED

@@ -26,15 +26,23 @@ from service.audit.manager import AuditManager
 from service.audit.report import csp as report_csp
 from service.audit.runner import checks_cost, default_eps
 from service.audit.status import WITH_REPORT, JobStatus, status_groups
-from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
+from service.errors import CapabilityMissing, Conflict, InvalidInput, LimitExceeded, NotFound, Unauthorized
 from service.http import json_response
 from service.payloads import ImagePayload, b64decode, decode_all
 from service.routes.common import registry, settings_of
 from service.schemas import Instance, error_responses, json_error_responses
-from training.attacks import AttackError, build_attacks, default_attacks, list_attacks, list_presets
+from training.attacks import (
+    AttackError,
+    build_attacks,
+    default_attacks,
+    list_attacks,
+    list_presets,
+    require_queries_only,
+)
 from training.card import ModelCard
 from training.data import dataset_info, is_folder
 from training.data.folder import canonical_name
+from training.formats import Capabilities
 
 
 def audits(request: Request) -> AuditManager:
@@ -117,14 +125,21 @@ class AuditCreated(BaseModel):
     links: dict[str, str]
 
 
-def _spec(req: AuditRequest, train_eps: float, input_size: int) -> AuditSpec:
+def _spec(
+    req: AuditRequest, train_eps: float, input_size: int, caps: Capabilities | None = None
+) -> AuditSpec:
+    gradients = caps is None or caps.gradients
     try:
         if req.attacks is None:
-            suite = default_attacks(req.norm)
+            suite = default_attacks(req.norm, gradients=gradients)
         else:
             suite = build_attacks([(a.name, dict(a.params)) for a in req.attacks], req.norm)
     except AttackError as exc:
         raise InvalidInput(f"attacks: {exc}") from None
+    try:  # a black-box model: white-box attacks refused, naming the query attacks that run
+        require_queries_only(suite, gradients=gradients, why=caps.why_no_gradients if caps else "")
+    except AttackError as exc:
+        raise CapabilityMissing(f"attacks: {exc}", code="black_box_model") from None
     eps = req.eps if req.eps is not None else default_eps(train_eps)
     top = 1.0 if req.norm == "linf" else math.sqrt(input_size)
     for i, e in enumerate(eps):
@@ -172,7 +187,7 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
     assert served.card is not None and served.engine is not None
     card = served.card
     c, h, w = card.input_shape
-    spec = _spec(req, card.train_eps, c * h * w)
+    spec = _spec(req, card.train_eps, c * h * w, served.engine.capabilities)
     manager = audits(request)
     audit_id = manager.new_id()
     upload: bytes | None = None

@@ -20,7 +20,7 @@ from service import metrics
 from service.attack_check.body import attack_body, encode_png
 from service.attack_check.check import LEVELS, Limits, parse_params
 from service.attack_check.pool import AttackPool
-from service.errors import Forbidden, LimitExceeded
+from service.errors import CapabilityMissing, Forbidden, LimitExceeded
 from service.http import json_response
 from service.payloads import ImagePayload, decode_all, prediction_options
 from service.routes.admin import require_admin
@@ -76,6 +76,14 @@ async def attack(name: str, request: Request) -> Response:
     model = registry(request).get(name)
     assert model.batcher is not None and model.engine is not None and model.card is not None
     card, spec = model.card, model.engine.spec
+    caps = model.engine.capabilities
+    if not caps.gradients:  # :attack is PGD, a white-box attack: refused before reading the body
+        raise CapabilityMissing(
+            f"{model.name}: :attack runs PGD, which needs input gradients, and this model has none "
+            f"({caps.why_no_gradients}); audit it with a query attack instead "
+            '(POST /admin/audits with {"attacks": [{"name": "square"}]})',
+            code="black_box_model",
+        )
     with model.batcher.expecting():
         payload = await image_payload(request, settings)
         n = len(payload.images)
@@ -87,6 +95,8 @@ async def attack(name: str, request: Request) -> Response:
         limits = Limits(settings.attack_max_steps, settings.attack_max_restarts, settings.attack_max_work)
         params = parse_params(payload.params, default_eps=card.train_eps, limits=limits, n=n)
         options = prediction_options(payload.params)
+        if options["embedding"]:
+            model.engine.require_embedding("return_embedding")
         x, decoded = await decode_batch(payload, spec, settings)
     clean = await model.batcher.submit(x)
     # Decoded images are exact multiples of 1/255: back to the bytes they came from.

@@ -48,7 +48,9 @@ async def get_model(name: str, request: Request) -> Response:
     return json_response(model.summary())
 
 
-async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[Any], dict[str, bool]]:
+async def _run(
+    request: Request, name: str, *, embed: bool = False
+) -> tuple[ServedModel, Outputs, list[Any], dict[str, bool]]:
     """Read, validate (options first, then images), decode, and classify one request."""
     reg = registry(request)
     settings = settings_of(request)
@@ -57,6 +59,10 @@ async def _run(request: Request, name: str) -> tuple[ServedModel, Outputs, list[
     with model.batcher.expecting():
         payload = await image_payload(request, settings)
         options = prediction_options(payload.params)
+        if embed:
+            model.engine.require_embedding(":embed")
+        elif options["embedding"]:
+            model.engine.require_embedding("return_embedding")
         x, decoded = await decode_batch(payload, model.engine.spec, settings)
     out = await model.batcher.submit(x)
     return model, out, decoded, options
@@ -88,7 +94,7 @@ async def predict(name: str, request: Request) -> Response:
     summary="Embeddings (the encoder's low-dimensional output) of images",
 )
 async def embed(name: str, request: Request) -> Response:
-    model, out, decoded, _ = await _run(request, name)
+    model, out, decoded, _ = await _run(request, name, embed=True)
     assert model.card is not None and model.engine is not None
     metrics.IMAGES.labels(model=model.name, endpoint="embed").inc(len(out))
     metrics.observe_typicality(model.name, "embed", out)

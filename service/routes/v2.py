@@ -90,7 +90,11 @@ def _metadata(model: ServedModel) -> dict[str, Any]:
         "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [-1, m]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, m]},
-            {"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]},
+            *(
+                [{"name": "embedding", "datatype": "FP32", "shape": [-1, card.embed_dim]}]
+                if model.engine is None or model.engine.capabilities.embedding
+                else []
+            ),
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             *(
                 [
@@ -154,7 +158,9 @@ async def _infer(request: Request, model: ServedModel) -> Response:
         for key in ("name", "shape", "datatype", "data"):
             if key not in tensor:
                 raise InvalidInput(f'inputs[0] lacks "{key}"')
-        wanted = _requested_outputs(doc.get("outputs"), typicality=model.engine.typicality is not None)
+        wanted = _requested_outputs(
+            doc.get("outputs"), typicality=model.engine.typicality is not None, engine=model.engine
+        )
         datatype = tensor["datatype"]
         if datatype == "FP32":
             from service.imaging import tensor_from_values
@@ -189,8 +195,11 @@ async def _infer(request: Request, model: ServedModel) -> Response:
     return json_response(response)
 
 
-def _requested_outputs(requested: Any, *, typicality: bool) -> list[str]:
-    known = OUTPUTS + TYPICALITY_OUTPUTS if typicality else OUTPUTS
+def _requested_outputs(requested: Any, *, typicality: bool, engine: Any = None) -> list[str]:
+    known: tuple[str, ...] = OUTPUTS + TYPICALITY_OUTPUTS if typicality else OUTPUTS
+    embedding = engine is None or engine.capabilities.embedding
+    if not embedding:  # a model imported without an embedding output: not among the defaults
+        known = tuple(k for k in known if k != "embedding")
     if requested is None:
         return list(known)
     if not isinstance(requested, list) or not requested:
@@ -198,6 +207,8 @@ def _requested_outputs(requested: Any, *, typicality: bool) -> list[str]:
     names: list[str] = []
     for i, o in enumerate(requested):
         name = o.get("name") if isinstance(o, dict) else None
+        if name == "embedding" and not embedding:
+            engine.require_embedding(f'outputs[{i}] "embedding"')
         if not isinstance(name, str) or name not in known:
             extra = " (this model has no fitted typicality score)" if name in TYPICALITY_OUTPUTS else ""
             raise InvalidInput(f"outputs[{i}]: unknown output {name!r}{extra}; known: {', '.join(known)}")

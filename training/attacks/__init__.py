@@ -27,6 +27,7 @@ from training.attacks.catalog import (
     get_attack_def,
     list_attacks,
     list_presets,
+    require_queries_only,
 )
 
 # Every module of the package registers what it defines (catalog and steps define no attack).
@@ -70,6 +71,7 @@ __all__ = [
     "per_sample",
     "pgd",
     "project_linf",
+    "require_queries_only",
     "rms_to_l2",
     "square_linf",
 ]

@@ -336,11 +336,27 @@ def build_attacks(requests: Sequence[tuple[str, Mapping[str, Any] | None]], norm
     return Suite(tuple(attacks))
 
 
-def default_attacks(norm: str = "linf") -> Suite:
+def default_attacks(norm: str = "linf", *, gradients: bool = True) -> Suite:
     """The audit default when a request names no attack: those of FGSM, PGD-40 and APGD-CE-100
-    that implement ``norm``."""
+    that implement ``norm``; for a model without input gradients (black-box), Square alone."""
+    if not gradients:
+        return build_attacks([("square", {})], norm)
     wanted = [("fgsm", {}), ("pgd", {"steps": 40}), ("apgd", {"steps": 100})]
     return build_attacks([(n, p) for n, p in wanted if norm in ATTACKS[n].norms], norm)
+
+
+def require_queries_only(suite: Suite, *, gradients: bool, why: str = "") -> None:
+    """Refuse gradient attacks in ``suite`` when the model gives no input gradients (black-box):
+    one :class:`AttackError` naming them and the attacks that can run."""
+    if gradients:
+        return
+    white = [a.label for a in suite.attacks if a.spec.gradient]
+    if white:
+        queries = ", ".join(n for n, d in ATTACKS.items() if not d.gradient and d.public)
+        raise AttackError(
+            f"{', '.join(white)} need input gradients (white-box) and this model has none"
+            f"{f' ({why})' if why else ''}; only query attacks run on it: {queries}"
+        )
 
 
 def catalog() -> dict[str, Any]:
