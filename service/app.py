@@ -23,10 +23,10 @@ from service.audit.manager import AuditManager
 from service.embedding_map import EmbeddingMaps
 from service.errors import ServiceError
 from service.http import error_response, install_handlers
-from service.registry import ModelRegistry
 from service.repository import ModelRecords, Reconciler
 from service.routes import admin, attack, attacks, console, health, repository, v1, v2
 from service.schemas import component_schemas
+from service.served_models import ModelRegistry
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

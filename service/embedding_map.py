@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.audit.engine import projection_2d
 from service.errors import NotFound
-from service.registry import ServedModel
+from service.served_models import ServedModel
 from training.data import load_split
 from training.errors import ErcError
 

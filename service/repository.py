@@ -56,7 +56,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.audit.store import JobStore, StoreError, schema
 
 if TYPE_CHECKING:
-    from service.registry import ModelRegistry
+    from service.served_models import ModelRegistry
 
 log = logging.getLogger(__name__)
 

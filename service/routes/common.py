@@ -22,7 +22,7 @@ from service.errors import (
 )
 from service.imaging import Decoded, InputSpec
 from service.payloads import ImagePayload, decode_all, parse_instances
-from service.registry import ModelRegistry
+from service.served_models import ModelRegistry
 from service.settings import Settings
 
 # Below this many bytes of images per request, decoding inline on the event loop costs less than a

@@ -11,7 +11,6 @@ from service import metrics
 from service.http import json_response
 from service.inference import Outputs
 from service.payloads import embed_body, predict_body, prediction_options
-from service.registry import ServedModel
 from service.routes.common import decode_batch, image_payload, registry, settings_of
 from service.schemas import (
     IMAGE_BODY,
@@ -21,6 +20,7 @@ from service.schemas import (
     PredictResponse,
     error_responses,
 )
+from service.served_models import ServedModel
 
 router = APIRouter(tags=["v1"])
 

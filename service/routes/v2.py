@@ -22,7 +22,6 @@ from service import __version__, metrics
 from service.errors import InvalidInput, LimitExceeded
 from service.http import draining, json_response
 from service.payloads import ImagePayload, b64decode
-from service.registry import ServedModel
 from service.routes.common import decode_batch, parse_json, read_body, registry, settings_of
 from service.schemas import (
     InferResponse,
@@ -33,6 +32,7 @@ from service.schemas import (
     ServerMetadata,
     error_responses,
 )
+from service.served_models import ServedModel
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 

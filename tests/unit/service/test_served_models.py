@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ModelNotReady, ModelNotServed
-from service.registry import ModelRegistry
+from service.served_models import ModelRegistry
 from service.settings import Settings
 
 
