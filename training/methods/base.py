@@ -22,6 +22,18 @@ from training.config import ConfigError, TrainConfig, training_eps
 from training.data import DatasetInfo, is_folder
 from training.models import EmbeddingClassifier, arch_for, create_model
 
+# name -> method class, filled by @register_method in this package's modules (discovered by the
+# package, as the attacks are); listed in registration order.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a training method under its ``name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
 
 class Method:
     name: ClassVar[str]

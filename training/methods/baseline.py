@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from training.methods.base import Method, accuracy
+from training.methods.base import Method, accuracy, register_method
 
 
+@register_method
 class StandardMethod(Method):
     name: ClassVar[str] = "none"
     family: ClassVar[str] = "baseline"
@@ -33,12 +34,14 @@ class StandardMethod(Method):
         return {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
 
+@register_method
 class MadryMethod(StandardMethod):
     name: ClassVar[str] = "madry"
     minmax_default: ClassVar[bool] = True
     description: ClassVar[str] = "Madry's adversarial training: the baseline network on PGD examples"
 
 
+@register_method
 class RSEMethod(StandardMethod):
     name: ClassVar[str] = "rse"
     description: ClassVar[str] = "Random Self-Ensemble: noise layers before every conv, ensemble at inference"

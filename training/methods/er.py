@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from training.methods.base import Method, _Features, accuracy, frozen
+from training.methods.base import Method, _Features, accuracy, frozen, register_method
 from training.models import build_discriminator
 from training.priors import get_prior
 
 
+@register_method
 class ERMethod(Method):
     name: ClassVar[str] = "er"
     family: ClassVar[str] = "er"
@@ -92,12 +93,14 @@ class ERMethod(Method):
         return out
 
 
+@register_method
 class ERMinusMethod(ERMethod):
     name: ClassVar[str] = "er-minus"
     minmax_default: ClassVar[bool] = False
     description: ClassVar[str] = "ER-Classifier without min-max robust optimization (ER-Classifier-minus)"
 
 
+@register_method
 class EClaMethod(ERMethod):
     name: ClassVar[str] = "e-cla"
     minmax_default: ClassVar[bool] = False
@@ -105,6 +108,7 @@ class EClaMethod(ERMethod):
     description: ClassVar[str] = "E-CLA: the same encoder and classifier, no discriminator (Section 4.2)"
 
 
+@register_method
 class VAEClaMethod(ERMethod):
     name: ClassVar[str] = "vae-cla"
     minmax_default: ClassVar[bool] = False

@@ -12,7 +12,9 @@ dataset (an image folder) gets the paper's network of the closest input geometry
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,8 +136,10 @@ def folder_arch(family: str, shape: Sequence[int], train_n: int) -> tuple[str, s
     )
 
 
-# Import for the registration side effect; at the bottom so the decorators above exist.
-from training.models import baselines, er  # noqa: E402, F401
+# Every module of the package registers the architectures it defines, as the attacks do; at the
+# bottom so the decorator above exists. A new architecture module needs no line here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 from training.models.base import EmbeddingClassifier, GaussianEncoder  # noqa: E402
 from training.models.er import build_discriminator  # noqa: E402
 

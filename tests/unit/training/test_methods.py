@@ -183,3 +183,20 @@ def test_bf16_autocast_and_channels_last_step_on_cpu() -> None:
     assert torch.isfinite(torch.stack(list(out.values()))).all()
     assert _changed(before, m.model)
     assert all(p.dtype == torch.float32 for p in m.model.parameters()), "weights stay fp32 under autocast"
+
+
+def test_every_method_class_in_the_package_registers_itself() -> None:
+    """Methods self-register (@register_method) in modules the package discovers, as attacks do:
+    no class with a name is left out of METHODS, and a name cannot be taken twice."""
+    import pytest
+
+    from training.methods import register_method
+    from training.methods.base import Method
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    named = {c.name: c for c in subclasses(Method) if c.__module__.startswith("training.methods.")}
+    assert named == METHODS
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(METHODS["er"])
