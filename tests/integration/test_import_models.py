@@ -354,3 +354,55 @@ def test_the_release_gate_exits_nonzero_below_the_bar(capsys: pytest.CaptureFixt
         .startswith("fail-under 0.85: FAIL: worst case 0.8000")
     )
     assert release_gate({"accuracy": 0.90, "eps": 0.3, "n": 20}, 0.85) == 0
+
+
+def _readme_block(lang: str) -> str:
+    """The README's "Bring your own model" code block in ``lang``, as written."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Bring your own model") :]
+    start = section.index(f"```{lang}\n") + len(f"```{lang}\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_readmes_three_commands_as_written(small_cnn: SmallCNN, tmp_path: Path, start_server_fn) -> None:
+    """README, "Bring your own model": the PyTorch export block run with a model of ours, then
+    ``erc import`` exactly as written (in a fresh folder: its default store is ./model_store),
+    then the server on that store answers with the embedding and typicality, like the file."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import png_bytes
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(_readme_block("python"), {"torch": torch, "model": small_cnn})  # writes net.pt2
+    finally:
+        os.chdir(cwd)
+    commands = [ln for ln in _readme_block("bash").splitlines() if ln.strip()]
+    assert commands[0].startswith("erc import net.pt2") and commands[1] == "erc serve"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(
+        shlex.split(commands[0]), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    x, _ = _images(4)
+    with torch.no_grad():
+        logits, _ = small_cnn(x)
+    srv = start_server_fn(tmp_path / "model_store", tmp_path)  # `erc serve` on the default store
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for i in range(len(x)):
+                png = png_bytes((x[i, 0].numpy() * 255).round().astype(np.uint8))
+                r = c.post("/v1/models/mine:predict?return_embedding=true", content=png,
+                           headers={"content-type": "image/png"})  # fmt: skip
+                assert r.status_code == 200, r.text
+                pred = r.json()["predictions"][0]
+                assert pred["label"] == int(logits[i].argmax()) and len(pred["embedding"]) == 32
+                assert np.isfinite(pred["typicality"]["mahalanobis"])
+    finally:
+        assert srv.stop(), srv.log.read_text()[-3000:]
