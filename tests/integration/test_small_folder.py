@@ -204,3 +204,30 @@ def test_erc_audit_of_the_small_folder_model(small: dict, tmp_path: Path) -> Non
     at_eps = {row["eps"]: row for row in result["per_eps"]}
     assert result["clean"]["accuracy"] >= 0.9
     assert at_eps[0.03]["union"]["accuracy"] >= 0.5, at_eps[0.03]  # PGD-10 at the training eps
+
+
+def test_export_verifies_the_entry_through_the_server_before_it_enters_the_store(
+    small: dict, tmp_path: Path
+) -> None:
+    """check_servable (erc export's verify hook) refuses an entry the server would serve without
+    a part, and a refused export leaves the store as it was (no entry, no staging directory)."""
+    from service.servable import NotServable, check_servable
+    from training.export import export_run
+
+    good = small["store"] / "shapes"
+    check_servable(good)  # the service and the TorchServe handler answer the probe images alike
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    card = json.loads((bad / "card.json").read_text())
+    card["typicality"]["threshold"] = "not a number"
+    (bad / "card.json").write_text(json.dumps(card))
+    with pytest.raises(NotServable, match="without typicality"):
+        check_servable(bad)
+
+    def refuse(staged: Path) -> None:
+        raise NotServable(f"refused {staged.name}")
+
+    store = tmp_path / "store"
+    with pytest.raises(NotServable, match="refused"):
+        export_run(small["base"] / "run", "again", store, eval_n=45, device="cpu", verify=refuse)
+    assert list(store.iterdir()) == []
