@@ -23,7 +23,11 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "data_dir": ("data.data_dir", str, "folder with the dataset files"),
     "train_subset": ("data.train_subset", int, "train on n images of the train split"),
     "eval_subset": ("data.eval_subset", int, "test images for the per-epoch accuracy"),
-    "batch_size": ("data.batch_size", int, "global batch size"),
+    "batch_size": (
+        "data.batch_size",
+        int,
+        "global batch size (default 128; under 1,280 images the power of two giving >= 10 steps an epoch)",
+    ),
     "size": (
         "data.image_size",
         str,
