@@ -33,7 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import __version__
-from training.checkpoint import CHECKPOINT, READABLE_DIR, READABLE_FILE, atomic_write_text, load_checkpoint
+from training.checkpoint import (
+    CHECKPOINT,
+    READABLE_DIR,
+    READABLE_FILE,
+    atomic_write_text,
+    load_checkpoint,
+    network_weights,
+)
 from training.config import training_eps
 from training.data import FolderOptions
 from training.devices import resolve_device
@@ -374,7 +381,7 @@ def model_from_checkpoint(state: dict[str, Any]) -> EmbeddingClassifier:
     """The network of a training checkpoint (``load_checkpoint``'s dict), in eval mode, on the CPU."""
     model = create_model(state["arch"], **state["arch_kwargs"])
     assert isinstance(model, EmbeddingClassifier)
-    model.load_state_dict(state["state"]["modules"]["model"])
+    model.load_state_dict(network_weights(state))
     return model.eval()
 
 

@@ -78,3 +78,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an erc training checkpoint (format {CHECKPOINT_FORMAT})")
     return state
+
+
+def network_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The network weights a checkpoint stands for (``load_checkpoint``'s dict): the moving
+    average of the weights when the run kept one (``run.ema_decay``), else the trained weights.
+    What ``erc export``, ``erc eval`` on a run directory and ``run.init_from`` read."""
+    ema = state.get("ema")
+    if ema:
+        return dict(ema["model"])
+    return dict(state["state"]["modules"]["model"])

@@ -67,17 +67,25 @@ class OptimConfig:
     weight_decay: float = 0.0
     step_size: int = 30  # StepLR period in epochs (Listing 1)
     gamma: float = 0.5  # StepLR decay (Listing 1)
+    # Learning-rate schedule: "step" (StepLR above, stepped once an epoch, Listing 1) or "cosine"
+    # (from lr down to min_lr_mult * lr over run.epochs, stepped after every optimizer step, so a
+    # fine-tune of a few long epochs decays smoothly).
+    schedule: str = "step"
+    min_lr_mult: float = 0.0  # cosine: the final learning rate as a fraction of the initial one
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "er"  # er, er-minus, e-cla, vae-cla, none, madry, rse
+    name: str = "er"  # er, er-trades, er-minus, e-cla, vae-cla, none, madry, rse
     minmax: bool | None = None  # PGD min-max training; None: the method's default (er, madry: on)
     lambda_disc: float = 1.0  # lambda of Algorithm 1 step 7 (LAMBDA in Listing 1)
     lambda_cls: float = 1.0  # weight of the classification loss (LAMBDA0)
     lambda_enc: float = 1.0  # weight of the encoder's prior-matching term, step 9 (LAMBDA1)
     clip: float = 0.01  # WGAN weight clipping of the discriminator's parameters
     kl_weight: float = 1.0  # vae-cla: weight of the KL term
+    # er-trades: beta of the classification step CE(clean) + beta * KL(p(clean) || p(adv))
+    # (Zhang et al. 2019, TRADES; their MNIST/CIFAR-10 choice is 6).
+    trades_beta: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, checkpoint.pt
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"  # "none" or "bf16" (CUDA autocast)
+    amp: str = "none"  # "none" or "bf16" (autocast on the run's device, CUDA or CPU)
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     compile: bool = False  # torch.compile the network used to craft adversarial examples
     eval_adv_n: int = (
@@ -115,6 +123,11 @@ class RunConfig:
     init_from: str | None = (
         None  # start from these network weights (store model or run dir); fresh optimizers
     )
+    # Exponential moving average of the network's weights, updated after every training step
+    # (0: off). With it on, the average is what is evaluated after each epoch, saved in the
+    # checkpoint (``ema``) and exported; its BatchNorm statistics are recomputed for the averaged
+    # weights after each epoch (run.bn_recalibration_n images, crafted against the average).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

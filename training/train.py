@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from training import __version__
 from training.attacks import build_attack
-from training.checkpoint import CHECKPOINT, METRICS, atomic_write_text, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    atomic_write_text,
+    load_checkpoint,
+    network_weights,
+    save_checkpoint,
+)
 from training.config import ConfigError, TrainConfig, auto_batch_size, dump_config, from_dict
 from training.data import DatasetInfo, FolderOptions, ImageSet, is_folder, load_split
 from training.diagnostics import learning_warnings
@@ -37,6 +44,7 @@ from training.distributed import (
     shutdown_distributed,
     weights_in_sync,
 )
+from training.ema import WeightEMA
 from training.evaluate import robust_flags, to_unit
 from training.methods import Method, create_method
 from training.methods.base import batchnorm_layers, recalibrate_batchnorm
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
+PROGRESS_LOG_S = 60.0  # at most one progress log line (speed, ETAs) a minute during an epoch
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -102,7 +111,7 @@ def initial_weights(ref: str, method: Method) -> dict[str, torch.Tensor]:
     elif (path / CHECKPOINT).is_file():
         saved = load_checkpoint(path / CHECKPOINT)
         arch, kwargs = saved["arch"], saved["arch_kwargs"]
-        state = saved["state"]["modules"]["model"]
+        state = network_weights(saved)
     else:
         raise ValueError(f"run.init_from: {ref} holds neither a card.json nor a {CHECKPOINT}")
     if arch != method.arch or kwargs != method.arch_kwargs:
@@ -163,10 +172,14 @@ class Trainer:
                 f"{cfg.data.batch_size}; give a smaller --batch-size"
             )
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        self.method: Method = create_method(cfg, self.info, device, distributed=dist.enabled)
+        self.method: Method = create_method(
+            cfg, self.info, device, distributed=dist.enabled, steps_per_epoch=len(train) // self.batch_size
+        )
         if cfg.run.init_from:
             self.method.model.load_state_dict(initial_weights(cfg.run.init_from, self.method))
             log.info("network weights from %s (optimizers and critic start fresh)", cfg.run.init_from)
+        # The moving average starts from the initial weights (those of run.init_from when given).
+        self.ema = WeightEMA(self.method.model, cfg.run.ema_decay) if cfg.run.ema_decay > 0 else None
         self.start_epoch = 0
 
     @property
@@ -203,12 +216,20 @@ class Trainer:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=arch))
         return cfg
 
-    def recalibrate_batchnorm(self, epoch: int) -> None:
-        """Recompute BatchNorm's running statistics over ``run.bn_recalibration_n`` training images
-        (a seeded draw), fed as the method trains on them; the same on every rank, and outside the
-        training random stream (resumed runs stay exact)."""
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network evaluated, saved for export and exported: the weights' moving average
+        when the run keeps one, else the trained network."""
+        return self.ema.module if self.ema is not None else self.method.model
+
+    def recalibrate_batchnorm(self, epoch: int, model: torch.nn.Module | None = None) -> None:
+        """Recompute BatchNorm's running statistics of the trained network (or of ``model``, the
+        weights' moving average) over ``run.bn_recalibration_n`` training images (a seeded draw),
+        fed as the method trains on them (adversarial examples crafted against that network);
+        the same on every rank, and outside the training random stream (resumed runs stay exact)."""
+        target = self.method.model if model is None else model
         n = min(self.cfg.run.bn_recalibration_n, len(self.train_x))
-        if n == 0 or not batchnorm_layers(self.method.model):
+        if n == 0 or not batchnorm_layers(target):
             return
         bs = self.batch_size
         gen = torch.Generator().manual_seed(_epoch_seed(self.cfg.run.seed, epoch, 7))
@@ -216,10 +237,12 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(_epoch_seed(self.cfg.run.seed, epoch, 13))
-            batches = (
-                self._train_inputs(idx[s : s + bs], self.method.batchnorm_inputs) for s in range(0, n, bs)
-            )
-            recalibrate_batchnorm(self.method.model, batches)
+
+            def inputs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return self.method.batchnorm_inputs(x, y, model)
+
+            batches = (self._train_inputs(idx[s : s + bs], inputs) for s in range(0, n, bs))
+            recalibrate_batchnorm(target, batches)
 
     def _train_inputs(self, idx: torch.Tensor, transform: Any = None) -> torch.Tensor:
         """The images of ``idx`` as a training step sees them (augmented, in the memory format),
@@ -261,6 +284,7 @@ class Trainer:
             "data": self.data_description,
             "embed_dim_estimate": self.embed_dim_estimate,
             "state": m.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.dist.world_size,
             "versions": {"torch": str(torch.__version__), "erc": __version__},
         }
@@ -275,6 +299,14 @@ class Trainer:
             saved = f"{state['method']}/{state['arch']}"
             raise ValueError(f"{path} holds {saved}, this run is {self.method.name}/{self.method.arch}")
         self.method.load_state_dict(state["state"])
+        saved_ema = state.get("ema")
+        if (saved_ema is None) != (self.ema is None):
+            raise ValueError(
+                f"{path} was saved {'with' if saved_ema else 'without'} a moving average of the weights; "
+                f"resume with the same run.ema_decay"
+            )
+        if self.ema is not None and saved_ema is not None:
+            self.ema.load_state_dict(saved_ema)
         self.start_epoch = int(state["epoch"])
         log.info("resumed %s after epoch %d", self.run_dir, self.start_epoch)
 
@@ -298,7 +330,7 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         """Clean accuracy on the eval subset (and PGD-20 robust accuracy on ``run.eval_adv_n``)."""
-        model = self.method.model
+        model = self.eval_model
         was = model.training
         model.eval()
         out: dict[str, Any] = {}
@@ -343,6 +375,23 @@ class Trainer:
         return learning_warnings(record["test_acc"], record["test_n"], self.info.num_classes, train_acc)
 
     # -- the loop -------------------------------------------------------------------------------
+    def _log_progress(self, epoch: int, done: int, steps: int, seconds: float) -> None:
+        """A log line with speed and ETAs (long CPU epochs run with progress bars off under nohup;
+        the ETAs leave out the per-epoch BatchNorm recalibration and evaluation)."""
+        rate = done / seconds
+        left_epoch = (steps - done) / rate
+        left_run = left_epoch + (self.cfg.run.epochs - epoch - 1) * steps / rate
+        log.info(
+            "epoch %d/%d: step %d/%d, %.1f img/s, epoch ETA %s, run ETA %s",
+            epoch + 1,
+            self.cfg.run.epochs,
+            done,
+            steps,
+            rate * self.batch_size,
+            _dt.timedelta(seconds=round(left_epoch)),
+            _dt.timedelta(seconds=round(left_run)),
+        )
+
     def _past_limit(self, projected_s: float, limit_s: float) -> bool:
         """Whether the next epoch would end past the time limit, on any rank (all ranks agree)."""
         flag = torch.tensor([1.0 if projected_s > limit_s else 0.0], device=self.device)
@@ -382,20 +431,30 @@ class Trainer:
                 dynamic_ncols=True,
                 unit="batch",
             )
+            last_note = t0
             for i, idx in enumerate(
                 epoch_batches(len(self.train_x), self.batch_size, epoch, cfg.run.seed, dist)
             ):
                 self.method.set_progress(epoch + i / steps)
                 x = self._train_inputs(idx)
                 metrics = self.method.train_step(x, self.train_y[idx])
+                self.method.after_step()
+                if self.ema is not None:
+                    self.ema.update(self.method.model)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.float()
                 bar.update(1)
                 if bar.disable is False and (i % 10 == 9 or i == steps - 1):
                     bar.set_postfix({k: f"{float(v) / (i + 1):.4f}" for k, v in sums.items()})
+                now = time.perf_counter()
+                if dist.is_main and now - last_note >= PROGRESS_LOG_S and i + 1 < steps:
+                    last_note = now
+                    self._log_progress(epoch, i + 1, steps, now - t0)
             bar.close()
             self.method.step_schedulers()
             self.recalibrate_batchnorm(epoch + 1)
+            if self.ema is not None:
+                self.recalibrate_batchnorm(epoch + 1, self.ema.module)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
@@ -451,6 +510,7 @@ class Trainer:
 CHOICES = {
     "data.augment": ("none", "crop-flip"),
     "run.amp": ("none", "bf16"),
+    "optim.schedule": ("step", "cosine"),
     "adv.bn_mode": ("eval", "train"),
 }
 
@@ -484,6 +544,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     if cfg.run.bn_recalibration_n < 0:
         raise ConfigError(f"run.bn_recalibration_n: must be >= 0, got {cfg.run.bn_recalibration_n}")
+    if not 0 <= cfg.run.ema_decay < 1:
+        raise ConfigError(f"run.ema_decay: must lie in [0, 1) (0: off), got {cfg.run.ema_decay}")
+    if not 0 <= cfg.optim.min_lr_mult <= 1:
+        raise ConfigError(f"optim.min_lr_mult: must lie in [0, 1], got {cfg.optim.min_lr_mult}")
     if cfg.adv.steps < 1:
         raise ConfigError(f"adv.steps: must be >= 1, got {cfg.adv.steps}")
     k = cfg.model.embed_dim

@@ -39,7 +39,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         float,
         "image folders without test/: share of each class held out as the test split (default 0.2)",
     ),
-    "method": ("method.name", str, "er, er-minus, e-cla, vae-cla, none, madry, rse"),
+    "method": ("method.name", str, "er, er-trades, er-minus, e-cla, vae-cla, none, madry, rse"),
     "arch": (
         "model.arch",
         str,

@@ -4,6 +4,7 @@
 name        what                                                     network   min-max default
 ==========  =======================================================  ========  =================
 er          ER-Classifier, Algorithm 1 (encoder, critic, classifier)  Fig 9-10  on
+er-trades   Algorithm 1 with a TRADES classification step (CE + KL)  Fig 9-10  on
 er-minus    ER-Classifier without min-max                            Fig 9-10  off
 e-cla       encoder + classifier only (no discriminator)             Fig 9-10  off
 vae-cla     variational encoder + KL to N(0, I) + classifier         Fig 9-10  off
@@ -39,9 +40,16 @@ def get_method(name: str) -> type[Method]:
 
 
 def create_method(
-    cfg: TrainConfig, info: DatasetInfo, device: torch.device, *, distributed: bool = False
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    device: torch.device,
+    *,
+    distributed: bool = False,
+    steps_per_epoch: int = 1,
 ) -> Method:
-    return get_method(cfg.method.name)(cfg, info, device, distributed=distributed)
+    return get_method(cfg.method.name)(
+        cfg, info, device, distributed=distributed, steps_per_epoch=steps_per_epoch
+    )
 
 
 __all__ = ["METHODS", "Method", "create_method", "get_method", "register_method"]

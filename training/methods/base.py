@@ -10,6 +10,7 @@ is evaluated and exported.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -42,12 +43,19 @@ class Method:
     description: ClassVar[str]
 
     def __init__(
-        self, cfg: TrainConfig, info: DatasetInfo, device: torch.device, *, distributed: bool
+        self,
+        cfg: TrainConfig,
+        info: DatasetInfo,
+        device: torch.device,
+        *,
+        distributed: bool,
+        steps_per_epoch: int = 1,
     ) -> None:
         self.cfg = cfg
         self.info = info
         self.device = device
         self.distributed = distributed
+        self.steps_per_epoch = steps_per_epoch  # optimizer steps an epoch: the cosine schedule's unit
         self.arch = cfg.model.arch or arch_for(info.name, self.family, info.shape)
         self.arch_kwargs = self.build_arch_kwargs()
         try:
@@ -110,9 +118,24 @@ class Method:
     def add_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> None:
         self.optimizers[name] = optimizer
         o = self.cfg.optim
-        self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=o.step_size, gamma=o.gamma
-        )
+        if o.schedule == "cosine":
+            total = max(1, self.cfg.run.epochs * self.steps_per_epoch)
+            floor = o.min_lr_mult
+
+            def cosine(step: int) -> float:  # closed form: a resumed run lands on the same rates
+                t = min(step, total) / total
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        else:
+            self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=o.step_size, gamma=o.gamma
+            )
+
+    @property
+    def schedule_per_step(self) -> bool:
+        """Whether the schedulers advance after every optimizer step (cosine) or every epoch."""
+        return self.cfg.optim.schedule == "cosine"
 
     # -- per batch ----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -125,18 +148,20 @@ class Method:
         warmup = self.cfg.adv.warmup_epochs
         self.eps_now = self.eps if warmup <= 0 else self.eps * min(1.0, epochs / warmup)
 
-    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """PGD examples against ``C(Q(x))`` when min-max training is on, else ``x`` itself."""
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """PGD examples against ``C(Q(x))`` (or against ``model``, e.g. the weights' moving average)
+        when min-max training is on, else ``x`` itself."""
         if not self.minmax or self.eps_now <= 0:
             return x
         adv = self.cfg.adv
-        was_training = self.model.training
+        target = self.model if model is None else model
+        was_training = target.training
         if adv.bn_mode == "eval":
-            self.model.eval()
+            target.eval()
         try:
             with self.autocast():
                 return pgd(
-                    self.attack_model,
+                    self.attack_model if model is None else model,
                     x,
                     y,
                     eps=self.eps_now,
@@ -146,15 +171,18 @@ class Method:
                     keep_best=False,
                 )
         finally:
-            self.model.train(was_training)
+            target.train(was_training)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def batchnorm_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def batchnorm_inputs(
+        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
         """The inputs whose statistics BatchNorm should hold: what the network trains on (its
-        adversarial examples under min-max, at the current eps)."""
-        return self.adversarial(x, y)
+        adversarial examples under min-max, at the current eps; crafted against ``model`` when
+        given, else against the trained network)."""
+        return self.adversarial(x, y, model)
 
     def descend(self, loss: torch.Tensor, *optimizers: str) -> None:
         """One optimizer step of ``loss`` for the named optimizers (gradients zeroed first)."""
@@ -170,8 +198,16 @@ class Method:
             m.train(mode)
 
     def step_schedulers(self) -> None:
-        for s in self.schedulers.values():
-            s.step()
+        """End of an epoch: advance the per-epoch schedulers (StepLR)."""
+        if not self.schedule_per_step:
+            for s in self.schedulers.values():
+                s.step()
+
+    def after_step(self) -> None:
+        """After each training step: advance the per-step schedulers (cosine)."""
+        if self.schedule_per_step:
+            for s in self.schedulers.values():
+                s.step()
 
     def learning_rates(self) -> dict[str, float]:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}

@@ -156,7 +156,7 @@ def test_rse_defaults_and_override() -> None:
 
 
 def test_registry_is_complete() -> None:
-    assert set(METHODS) == {"er", "er-minus", "e-cla", "vae-cla", "none", "madry", "rse"}
+    assert set(METHODS) == {"er", "er-trades", "er-minus", "e-cla", "vae-cla", "none", "madry", "rse"}
 
 
 def test_eps_warmup_ramps_linearly(monkeypatch) -> None:
