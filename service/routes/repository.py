@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -32,11 +32,18 @@ from training.card import CardError, read_card
 router = APIRouter(prefix="/v2/repository", tags=["repository"], dependencies=[Depends(require_admin)])
 
 
+# Repository requests change what a deployment serves: no coercion ({"default": 0} is not false),
+# no unknown keys.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class RepositoryUnavailable(ServiceUnavailable):
     code = "repository_unavailable"
 
 
 class LoadParameters(BaseModel):
+    model_config = STRICT
+
     entry: str | None = Field(
         None, description="the model_store directory to serve as this version (default: the model's name)"
     )
@@ -46,18 +53,26 @@ class LoadParameters(BaseModel):
 
 
 class LoadRequest(BaseModel):
+    model_config = STRICT
+
     parameters: LoadParameters = Field(default_factory=LoadParameters)
 
 
 class UnloadParameters(BaseModel):
+    model_config = STRICT
+
     version: str | None = Field(None, description="unload this version only (sha256[:12]); default: all")
 
 
 class UnloadRequest(BaseModel):
+    model_config = STRICT
+
     parameters: UnloadParameters = Field(default_factory=UnloadParameters)
 
 
 class IndexRequest(BaseModel):
+    model_config = STRICT
+
     ready: bool | None = Field(None, description="only versions ready (true) or not ready (false)")
 
 
@@ -126,7 +141,7 @@ def build_index(records: ModelRecords, store: Any, fresh_s: float) -> list[dict[
     return out
 
 
-@router.post("/index", summary="Repository index", responses=error_responses(401, 404, 503))
+@router.post("/index", summary="Repository index", responses=error_responses(400, 401, 404, 503))
 async def index(request: Request, body: IndexRequest | None = None) -> Response:
     rec = _reconciler(request)
     fresh_s = max(3 * rec.poll_s, 5.0)
@@ -139,7 +154,7 @@ async def index(request: Request, body: IndexRequest | None = None) -> Response:
 @router.post(
     "/models/{name}/load",
     summary="Load a model (version)",
-    responses=error_responses(401, 404, 409, 422, 503),
+    responses=error_responses(400, 401, 404, 409, 422, 503),
 )
 async def load(name: str, request: Request, body: LoadRequest | None = None) -> Response:
     rec = _reconciler(request)
@@ -174,7 +189,7 @@ async def load(name: str, request: Request, body: LoadRequest | None = None) -> 
 @router.post(
     "/models/{name}/unload",
     summary="Unload a model (or one version)",
-    responses=error_responses(401, 409, 503),
+    responses=error_responses(400, 401, 404, 409, 503),
 )
 async def unload(name: str, request: Request, body: UnloadRequest | None = None) -> Response:
     rec = _reconciler(request)
@@ -187,7 +202,7 @@ async def unload(name: str, request: Request, body: UnloadRequest | None = None)
 @router.post(
     "/models/{name}/versions/{version}/default",
     summary="Make a loaded version the default",
-    responses=error_responses(401, 409, 503),
+    responses=error_responses(401, 404, 409, 503),
 )
 async def set_default(name: str, version: str, request: Request) -> Response:
     rec = _reconciler(request)

@@ -205,7 +205,7 @@ def test_installed_outside_the_checkout(venv: Path, env: dict[str, str], home: P
 
 def test_data_from_data_dir_only(env: dict[str, str], home: Path, mnist: Path) -> None:
     info = json.loads(erc(env, home, "data", "info", "mnist", "--data-dir", str(mnist)))
-    assert info["found"] and info["data_dir"] == str(mnist.resolve())
+    assert info["found"] and Path(info["data_dir"]).resolve() == mnist.resolve()
     # Without --data-dir nothing is found: no path beside a checkout or inside site-packages.
     res = subprocess.run(
         ["erc", "data", "info", "mnist"], cwd=home, env=env, capture_output=True, text=True, timeout=120

@@ -39,6 +39,7 @@ from service.settings import Settings
 TOKEN = "fuzz-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "tiny"
+SCRATCH = "fuzz-scratch"  # the name the repository's load/unload/default operations are fuzzed with
 MAX_EXAMPLES = 50  # Hypothesis-generated requests per operation, besides the coverage phase's cases
 SEED = 20240501
 SERVED: dict[str, str] = {}  # the served model's version, read from the running server
@@ -138,6 +139,14 @@ CONFIG = SchemathesisConfig.from_dict(
                     "positive_data_acceptance": {"expected-statuses": [*POSITIVE_OK, "413", "422"]},
                     "negative_data_rejection": {"expected-statuses": [*NEGATIVE_OK, "413"]},
                 },
+            },
+            {
+                # The model repository's changes act on the deployment: fuzzed with a name that is
+                # no store entry (valid requests get 404 or 409), so they never unload the served
+                # model the other operations are fuzzed against (tests/integration/test_repository.py
+                # covers loads and unloads for real).
+                "include-path-regex": "^/v2/repository/models/",
+                "parameters": {"name": SCRATCH},
             },
             {
                 # An audit request's validity depends on the model it names (its label count, the l2
