@@ -246,3 +246,45 @@ def postgres() -> Iterator[object]:
         yield pg
     finally:
         pg.destroy()
+
+
+def cut_autoattack(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, queries: int
+):
+    """(ours, reference): robust accuracy under our cascade of APGD-CE, APGD-T, FAB-T and Square
+    and under torchattacks' MultiAttack of its own four (the test-time reference), every budget
+    cut to ``steps`` and ``queries`` (AutoAttack's standard suite, small enough for CI)."""
+    import torchattacks
+
+    from training.attacks import Suite, build_attack
+    from training.evaluate import robust_flags
+
+    suite = Suite(
+        (
+            build_attack("apgd", {"steps": steps}),
+            build_attack("apgd-t", {"steps": steps, "n_target_classes": 9}),
+            build_attack("fab-t", {"steps": steps, "n_target_classes": 9}),
+            build_attack("square", {"queries": queries, "p_init": 0.8}),
+        ),
+        cascade=True,
+    )
+    ours = robust_flags(model, x, y, eps, suite, torch.Generator().manual_seed(0)).float().mean().item()
+    reference = torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0),
+            torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
+            torchattacks.FAB(
+                model, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10, seed=0
+            ),
+            torchattacks.Square(model, eps=eps, n_queries=queries, p_init=0.8, n_restarts=1, seed=0),
+        ]
+    )
+    with torch.no_grad():
+        ref = (model(reference(x, y)).argmax(1) == y).float().mean().item()
+    return ours, ref
+
+
+@pytest.fixture(scope="session")
+def cut_autoattack_fn():
+    """:func:`cut_autoattack` as a fixture."""
+    return cut_autoattack

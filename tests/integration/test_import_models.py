@@ -21,7 +21,7 @@ from service.audit.engine import AuditSpec
 from service.audit.runner import run_audit
 from service.inference import InferenceEngine
 from service.servable import check_servable
-from training.attacks import AttackError, Suite, build_attack, build_attacks
+from training.attacks import AttackError, Suite, build_attacks
 from training.card import load_model
 from training.data import load_split
 from training.formats import ModelFileError, load_served
@@ -225,38 +225,12 @@ def test_shipped_model_exports_give_the_store_figure(store: Path) -> None:
     assert len(set(figures.values())) == 1, figures
 
 
-def test_an_imported_model_matches_torchattacks(store: Path) -> None:
+def test_an_imported_model_matches_torchattacks(store: Path, cut_autoattack_fn) -> None:
     """The cut AutoAttack cascade (as tests/unit/training/test_attacks_parity.py) on an imported
     .pt2 model against torchattacks' own four attacks on the same model."""
-    import torchattacks
-
-    from training.evaluate import robust_flags
-
     model, _ = load_served(store / "cnn-pt2")
     x, y = _images(40, seed=7)
-    eps, steps, queries = 0.1, 10, 200
-    suite = Suite(
-        (
-            build_attack("apgd", {"steps": steps}),
-            build_attack("apgd-t", {"steps": steps, "n_target_classes": 9}),
-            build_attack("fab-t", {"steps": steps, "n_target_classes": 9}),
-            build_attack("square", {"queries": queries, "p_init": 0.8}),
-        ),
-        cascade=True,
-    )
-    ours = robust_flags(model, x, y, eps, suite, torch.Generator().manual_seed(0)).float().mean().item()
-    ref_attack = torchattacks.MultiAttack(
-        [
-            torchattacks.APGD(model, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0),
-            torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
-            torchattacks.FAB(
-                model, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10, seed=0
-            ),
-            torchattacks.Square(model, eps=eps, n_queries=queries, p_init=0.8, n_restarts=1, seed=0),
-        ]
-    )
-    with torch.no_grad():
-        ref = (model(ref_attack(x, y)).argmax(1) == y).float().mean().item()
+    ours, ref = cut_autoattack_fn(model, x, y, eps=0.1, steps=10, queries=200)
     assert abs(ours - ref) <= 0.015 + 1 / len(y), (ours, ref)
 
 

@@ -96,6 +96,11 @@ def _until(check, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def _unload(srv: ServerProcess, name: str, version: str | None = None) -> httpx.Response:
+    body = {"parameters": {"version": version}} if version else None
+    return httpx.post(f"{srv.url}/v2/repository/models/{name}/unload", headers=AUTH, json=body, timeout=30)
+
+
 def _predict(srv: ServerProcess, name: str, png: bytes) -> httpx.Response:
     return httpx.post(
         f"{srv.url}/v1/models/{name}:predict", content=png, headers={"content-type": "image/png"}, timeout=30
@@ -118,7 +123,7 @@ def test_load_and_unload_reach_every_replica(deployment: Deployment, mnist_sampl
     a, b = deployment.a, deployment.b
     png = mnist_sample.pngs[0]
     assert _predict(b, "big", png).status_code == 200
-    r = httpx.post(f"{a.url}/v2/repository/models/big/unload", headers=AUTH, timeout=30)
+    r = _unload(a, "big")
     assert r.status_code == 200, r.text
     assert _predict(a, "big", png).status_code == 404  # the replica told answers at once
     _until(lambda: _predict(b, "big", png).status_code == 404)
@@ -147,33 +152,18 @@ def test_a_new_version_beside_the_old_then_the_default_then_retire(
         return httpx.get(f"{b.url}/v2/models/tiny/versions/{new}", timeout=10).status_code == 200
 
     _until(version_reachable_on_b)
-    refused = httpx.post(
-        f"{a.url}/v2/repository/models/tiny/unload",
-        headers=AUTH,
-        json={"parameters": {"version": old}},
-        timeout=30,
-    )
+    refused = _unload(a, "tiny", old)
     assert refused.status_code == 409 and "default" in refused.json()["error"]["message"]
     r = httpx.post(f"{b.url}/v2/repository/models/tiny/versions/{new}/default", headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     _until(lambda: all(_predict(s, "tiny", png).json()["model_version"] == new for s in (a, b)))
-    r = httpx.post(
-        f"{a.url}/v2/repository/models/tiny/unload",
-        headers=AUTH,
-        json={"parameters": {"version": old}},
-        timeout=30,
-    )
+    r = _unload(a, "tiny", old)
     assert r.status_code == 200, r.text
     _until(lambda: httpx.get(f"{b.url}/v2/models/tiny/versions/{old}", timeout=10).status_code == 404)
     assert _predict(b, "tiny", png).json()["model_version"] == new
     # Back as it was, for the other tests.
     httpx.post(f"{a.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=120).raise_for_status()
-    httpx.post(
-        f"{a.url}/v2/repository/models/tiny/unload",
-        headers=AUTH,
-        json={"parameters": {"version": new}},
-        timeout=30,
-    ).raise_for_status()
+    _unload(a, "tiny", new).raise_for_status()
     _until(lambda: all(_predict(s, "tiny", png).json()["model_version"] == old for s in (a, b)))
 
 
@@ -196,7 +186,7 @@ def test_a_model_that_fails_to_load_leaves_the_others_serving(deployment: Deploy
     row = next(x for x in _index(b) if x["name"] == "corrupt")
     assert row["state"] == "UNAVAILABLE" and "sha256" in row["reason"]
     assert _predict(b, "tiny", mnist_sample.pngs[0]).status_code == 200
-    httpx.post(f"{b.url}/v2/repository/models/corrupt/unload", headers=AUTH, timeout=30).raise_for_status()
+    _unload(b, "corrupt").raise_for_status()
     shutil.rmtree(bad)
 
 
@@ -233,9 +223,7 @@ def test_no_request_fails_while_another_model_is_loaded_and_unloaded(
     try:
         while time.monotonic() < deadline:
             via = (a, b)[cycles % 2]
-            httpx.post(
-                f"{via.url}/v2/repository/models/big/unload", headers=AUTH, timeout=30
-            ).raise_for_status()
+            _unload(via, "big").raise_for_status()
             httpx.post(
                 f"{via.url}/v2/repository/models/big/load", headers=AUTH, timeout=120
             ).raise_for_status()
@@ -265,12 +253,7 @@ def test_an_audit_finishes_on_the_weights_it_started_with(deployment: Deployment
     httpx.post(
         f"{b.url}/v2/repository/models/tiny/load", headers=AUTH, json=body, timeout=120
     ).raise_for_status()
-    httpx.post(
-        f"{b.url}/v2/repository/models/tiny/unload",
-        headers=AUTH,
-        json={"parameters": {"version": old}},
-        timeout=30,
-    ).raise_for_status()
+    _unload(b, "tiny", old).raise_for_status()
     _until(
         lambda: (
             httpx.get(f"{a.url}/admin/audits/{audit}", headers=AUTH).json()["status"] in ("done", "failed")

@@ -148,30 +148,37 @@ class Method:
         warmup = self.cfg.adv.warmup_epochs
         self.eps_now = self.eps if warmup <= 0 else self.eps * min(1.0, epochs / warmup)
 
+    @contextlib.contextmanager
+    def crafting(self, model: nn.Module | None = None) -> Iterator[Any]:
+        """The network an inner attack differentiates (``model``, e.g. the weights' moving
+        average, or the trained network, compiled when asked), in the mode ``adv.bn_mode`` says
+        for the block; its mode is restored after."""
+        target = self.model if model is None else model
+        was_training = target.training
+        if self.cfg.adv.bn_mode == "eval":
+            target.eval()
+        try:
+            yield self.attack_model if model is None else model
+        finally:
+            target.train(was_training)
+
     def adversarial(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """PGD examples against ``C(Q(x))`` (or against ``model``, e.g. the weights' moving average)
         when min-max training is on, else ``x`` itself."""
         if not self.minmax or self.eps_now <= 0:
             return x
         adv = self.cfg.adv
-        target = self.model if model is None else model
-        was_training = target.training
-        if adv.bn_mode == "eval":
-            target.eval()
-        try:
-            with self.autocast():
-                return pgd(
-                    self.attack_model if model is None else model,
-                    x,
-                    y,
-                    eps=self.eps_now,
-                    alpha=adv.alpha,
-                    steps=adv.steps,
-                    random_start=adv.random_start,
-                    keep_best=False,
-                )
-        finally:
-            target.train(was_training)
+        with self.crafting(model) as net, self.autocast():
+            return pgd(
+                net,
+                x,
+                y,
+                eps=self.eps_now,
+                alpha=adv.alpha,
+                steps=adv.steps,
+                random_start=adv.random_start,
+                keep_best=False,
+            )
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

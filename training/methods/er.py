@@ -222,13 +222,9 @@ class ERTradesMethod(ERMethod):
         if not self.minmax or self.eps_now <= 0:
             return x
         adv = self.cfg.adv
-        target = self.model if model is None else model
-        was_training = target.training
-        if adv.bn_mode == "eval":
-            target.eval()
-        try:
+        with self.crafting(model) as net:
             return trades_adversarial(
-                self.attack_model if model is None else model,
+                net,
                 x,
                 eps=self.eps_now,
                 alpha=self.step_size(self.eps_now),
@@ -236,8 +232,6 @@ class ERTradesMethod(ERMethod):
                 start_std=0.001 if adv.random_start else 0.0,
                 autocast=self.autocast,
             )
-        finally:
-            target.train(was_training)
 
     def batchnorm_inputs(
         self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None

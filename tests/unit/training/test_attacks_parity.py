@@ -73,36 +73,14 @@ def test_square_is_at_least_as_strong_as_torchattacks(robust, mnist_cnn) -> None
     assert robust_ref - robust_ours <= 0.1
 
 
-def test_the_autoattack_cascade_matches_torchattacks_multiattack(robust, mnist_cnn) -> None:
+def test_the_autoattack_cascade_matches_torchattacks_multiattack(
+    robust, mnist_cnn, cut_autoattack_fn
+) -> None:
     """Our cascade of APGD-CE, APGD-T, FAB-T and Square against torchattacks' MultiAttack of its own
     four (AutoAttack's standard suite with every budget cut, so that this runs in CI; the full
     budgets on n = 500 of a trained model are in bench/audit.py --autoattack, docs/benchmarks.md):
     the worst case per sample agrees within 1.5 points (plus one sample)."""
-    from training.attacks import Suite, build_attack
-    from training.evaluate import robust_flags
-
     model, x, y = mnist_cnn
-    eps, steps, queries = 0.08, 15, 300
-    suite = Suite(
-        (
-            build_attack("apgd", {"steps": steps}),
-            build_attack("apgd-t", {"steps": steps, "n_target_classes": 9}),
-            build_attack("fab-t", {"steps": steps, "n_target_classes": 9}),
-            build_attack("square", {"queries": queries, "p_init": 0.8}),
-        ),
-        cascade=True,
-    )
-    ours = robust_flags(model, x, y, eps, suite, torch.Generator().manual_seed(0)).float().mean().item()
-    ref_attack = torchattacks.MultiAttack(
-        [
-            torchattacks.APGD(model, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0),
-            torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
-            torchattacks.FAB(
-                model, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10, seed=0
-            ),
-            torchattacks.Square(model, eps=eps, n_queries=queries, p_init=0.8, n_restarts=1, seed=0),
-        ]
-    )
-    ref = robust(model, ref_attack(x, y), y)
+    ours, ref = cut_autoattack_fn(model, x, y, eps=0.08, steps=15, queries=300)
     assert abs(ours - ref) <= 0.015 + 1 / len(y), (ours, ref)
     assert ours < robust(model, x, y) - 0.1, "the eps must matter for this model"
