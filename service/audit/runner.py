@@ -4,9 +4,10 @@ child of the service's jobs (:mod:`service.audit.child`)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +33,28 @@ def checks_cost(spec: AuditSpec, n: int) -> float:
     return m * extra
 
 
+@contextlib.contextmanager
+def _reporting(progress: Progress, on_progress: Callable[[dict[str, Any]], None] | None) -> Iterator[None]:
+    """While the block runs: ``on_progress(progress.snapshot())`` every ``PROGRESS_EVERY_S`` from
+    a thread of its own (nothing when None); no call after the block ends."""
+    if on_progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def reporter() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            on_progress(progress.snapshot())
+
+    thread = threading.Thread(target=reporter, name="audit-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def run_audit(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -53,86 +76,57 @@ def run_audit(
     caps = capabilities_of(model)
     require_queries_only(spec.suite, gradients=caps.gradients, why=caps.why_no_gradients)
     progress = progress or Progress(total=spec.work(len(x)) + checks_cost(spec, len(x)))
-    if on_progress is None:
-        return _run(model, x, y, spec, device, model_info, data_info, progress, cancel)
-    report = on_progress
-    done = threading.Event()
-
-    def reporter() -> None:
-        while not done.wait(PROGRESS_EVERY_S):
-            report(progress.snapshot())
-
-    thread = threading.Thread(target=reporter, name="audit-progress", daemon=True)
-    thread.start()
-    try:
-        return _run(model, x, y, spec, device, model_info, data_info, progress, cancel)
-    finally:
-        done.set()
-        thread.join()
-
-
-def _run(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    spec: AuditSpec,
-    device: torch.device,
-    model_info: dict[str, Any],
-    data_info: dict[str, Any],
-    progress: Progress,
-    cancel: Any,
-) -> dict[str, Any]:
-    started = time.time()
-    t0 = time.perf_counter()
-    engine = Engine(model, spec, device=device, cancel=cancel, progress=progress)
-    result = engine.run(x, y)
-    progress.add(0.0, "sanity checks")
-    checks = run_checks(engine, x, y, result, subset=CHECKS_SUBSET) if spec.checks else []
-    progress.add(0.0, "embedding view")
-    view = None
-    st = engine.state
-    eps_pos = [e for e in result["eps"] if e > 0]
-    caps = capabilities_of(engine.model)
-    if eps_pos and len(st.idx) and caps.embedding:
-        # The worst examples of the whole suite at the largest eps (for a cascade, the last attack's
-        # store holds every attack's findings).
-        label = spec.attacks[-1].label
-        m = min(spec.embed_points, len(st.idx))
-        adv = st.adversarial[label][-1][:m]
-        view = embedding_view(engine.model, x[st.idx[:m]], adv, y[st.idx[:m]], device, spec.batch_size)
-        view["attack"] = spec.suite.label
-        view["eps"] = eps_pos[-1]
-    progress.add(progress.total, "done")
-    result.update(
-        model=model_info,
-        data=data_info,
-        settings={
-            "eps": result["eps"],
-            "norm": spec.norm,
-            "suite": spec.suite.record(),
-            "precision": spec.precision,
-            "bf16_active": engine.bf16,
-            "compile": spec.compile,
-            "compiled": engine.compiled,
-            "compile_error": engine.compile_error,
-            "attacks": [{"name": a.name, "label": a.label, "params": a.kwargs} for a in spec.attacks],
-            "checks": spec.checks,
-            "batch_size": spec.batch_size,
-        },
-        seeds={"attacks": spec.seed, "data": data_info.get("seed")},
-        # What the figures mean: a white-box worst case, or (no input gradients) an upper bound.
-        threat_model={
-            "white_box": caps.gradients,
-            "note": caps.threat_note,
-            "embedding": caps.embedding,
-        },
-        checks=[c.to_dict() for c in checks],
-        embedding=view,
-        environment=environment(device),
-        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-    )
-    result["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
-    return result
+    with _reporting(progress, on_progress):
+        started = time.time()
+        t0 = time.perf_counter()
+        engine = Engine(model, spec, device=device, cancel=cancel, progress=progress)
+        result = engine.run(x, y)
+        progress.add(0.0, "sanity checks")
+        checks = run_checks(engine, x, y, result, subset=CHECKS_SUBSET) if spec.checks else []
+        progress.add(0.0, "embedding view")
+        view = None
+        st = engine.state
+        eps_pos = [e for e in result["eps"] if e > 0]
+        if eps_pos and len(st.idx) and caps.embedding:
+            # The worst examples of the whole suite at the largest eps (for a cascade, the last attack's
+            # store holds every attack's findings).
+            label = spec.attacks[-1].label
+            m = min(spec.embed_points, len(st.idx))
+            adv = st.adversarial[label][-1][:m]
+            view = embedding_view(engine.model, x[st.idx[:m]], adv, y[st.idx[:m]], device, spec.batch_size)
+            view["attack"] = spec.suite.label
+            view["eps"] = eps_pos[-1]
+        progress.add(progress.total, "done")
+        result.update(
+            model=model_info,
+            data=data_info,
+            settings={
+                "eps": result["eps"],
+                "norm": spec.norm,
+                "suite": spec.suite.record(),
+                "precision": spec.precision,
+                "bf16_active": engine.bf16,
+                "compile": spec.compile,
+                "compiled": engine.compiled,
+                "compile_error": engine.compile_error,
+                "attacks": [{"name": a.name, "label": a.label, "params": a.kwargs} for a in spec.attacks],
+                "checks": spec.checks,
+                "batch_size": spec.batch_size,
+            },
+            seeds={"attacks": spec.seed, "data": data_info.get("seed")},
+            # What the figures mean: a white-box worst case, or (no input gradients) an upper bound.
+            threat_model={
+                "white_box": caps.gradients,
+                "note": caps.threat_note,
+                "embedding": caps.embedding,
+            },
+            checks=[c.to_dict() for c in checks],
+            embedding=view,
+            environment=environment(device),
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        )
+        result["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        return result
 
 
 def card_metrics(result: dict[str, Any], measured_on: str) -> list[dict[str, Any]]:
