@@ -270,23 +270,16 @@ class ModelRegistry:
         self._route(want)
 
     def _route(self, want: dict[tuple[str, str], Any]) -> None:
+        """Point each name at its recorded default version once that is ready, or at once when the
+        current default is not ready either (a first load: its failure then answers with the
+        reason). Versions no longer wanted left the table in :meth:`unload`."""
         models = dict(self.models)
-        names = {name for name, _ in want}
-        for name in names:
-            recorded = next(
-                (self.versions.get(k) for k, r in want.items() if k[0] == name and r.is_default), None
-            )
-            current = models.get(name)
-            if recorded is not None and (recorded.ready or current is None or not current.ready):
-                models[name] = recorded
-            elif current is not None and (current.name, current.entry) not in want:
-                # The current default was unloaded and the recorded one is not ready yet: any ready version.
-                ready = [v for k, v in self.versions.items() if k in want and k[0] == name and v.ready]
-                models[name] = ready[0] if ready else (recorded or current)
-        for name in list(models):
-            if name not in names and not any(k[0] == name for k in self.versions):
-                models.pop(name)
-                self.unloaded.setdefault(name, f"model {name!r} was unloaded from this deployment")
+        for key, record in want.items():
+            recorded, current = self.versions.get(key), models.get(record.name)
+            if not record.is_default or recorded is None:
+                continue
+            if recorded.ready or current is None or not current.ready:
+                models[record.name] = recorded
         self.models = models
         self._count()
 
