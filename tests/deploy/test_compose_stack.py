@@ -257,7 +257,25 @@ def test_an_audit_through_the_proxy_runs_on_the_worker_and_any_replica_answers(p
     )
 
 
-def test_a_model_rolled_into_the_running_stack_through_the_proxy(stack, mnist_sample) -> None:
+def _until_every_replica(podman, path: str, status: int, failure: str, timeout_s: float = 60) -> None:
+    """Wait until ``GET path`` answers ``status`` on every API replica, each asked inside its container."""
+    code = (
+        "import urllib.error, urllib.request\n"
+        "try:\n"
+        f"    print(urllib.request.urlopen('http://127.0.0.1:8080{path}').status)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code)\n"
+    )
+    deadline = time.time() + timeout_s
+    while True:
+        seen = [int(podman.exec_python(_name("api", i), code)) for i in range(1, REPLICAS + 1)]
+        if seen == [status] * REPLICAS:
+            return
+        assert time.time() < deadline, f"{failure}: {path} answered {seen}"
+        time.sleep(0.5)
+
+
+def test_a_model_rolled_into_the_running_stack_through_the_proxy(podman, stack, mnist_sample) -> None:
     """docs/deploy.md's roll-out on the running stack: a new store entry (the bind-mounted
     model_store) is loaded through the proxy and reaches every replica; predictions to mnist-er
     never fail meanwhile; unloaded, it answers 404 on every replica."""
@@ -281,24 +299,28 @@ def test_a_model_rolled_into_the_running_stack_through_the_proxy(stack, mnist_sa
         with httpx.Client(base_url=stack["url"], timeout=120) as c:
             r = c.post("/v2/repository/models/canary/load", headers=auth)
             assert r.status_code == 200 and r.json()["state"] == "READY", r.text
-            deadline = time.time() + 60
-            while [c.post("/v1/models/canary:predict", **png).status_code for _ in range(3 * REPLICAS)] != [
-                200
-            ] * (3 * REPLICAS):
-                assert time.time() < deadline, "the load did not reach every replica"
+            # Each replica is asked directly: through the proxy, the round-robin interleaves these
+            # probes with the steady client's requests and can send every probe to one replica.
+            _until_every_replica(
+                podman, "/v2/models/canary/ready", 200, "the load did not reach every replica"
+            )
+            deadline = time.time() + 30  # a replica reports its rows after it has loaded
+            while True:
+                index = {row["name"]: row for row in c.post("/v2/repository/index", headers=auth).json()}
+                if len(index["canary"]["replicas"]) == REPLICAS:
+                    break
+                assert time.time() < deadline, index["canary"]
                 time.sleep(0.5)
-            index = {row["name"]: row for row in c.post("/v2/repository/index", headers=auth).json()}
-            assert index["canary"]["state"] == "READY" and len(index["canary"]["replicas"]) == REPLICAS
+            assert index["canary"]["state"] == "READY", index["canary"]
+            assert {r["state"] for r in index["canary"]["replicas"].values()} == {"ready"}, index["canary"]
             label = c.post("/v1/models/mnist-er:predict", **png).json()["predictions"][0]["label"]
             assert c.post("/v1/models/canary:predict", **png).json()["predictions"][0]["label"] == label
             r = c.post("/v2/repository/models/canary/unload", headers=auth)
             assert r.status_code == 200, r.text
-            deadline = time.time() + 60
-            while {c.post("/v1/models/canary:predict", **png).status_code for _ in range(3 * REPLICAS)} != {
-                404
-            }:
-                assert time.time() < deadline, "the unload did not reach every replica"
-                time.sleep(0.5)
+            _until_every_replica(
+                podman, "/v2/models/canary/ready", 404, "the unload did not reach every replica"
+            )
+            assert c.post("/v1/models/canary:predict", **png).status_code == 404
     finally:
         stop.set()
         client.join()
