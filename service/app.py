@@ -146,8 +146,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
-        registry = ModelRegistry(settings)
-        registry.load_all()
+        remote = None
+        if settings.model_process_socket is not None:  # an HTTP process of several (service/multiproc)
+            from service.multiproc.remote import RemoteReconciler, RemoteRegistry
+
+            remote = RemoteRegistry(settings)
+            remote.start()
+            registry: ModelRegistry = remote
+        else:
+            registry = ModelRegistry(settings)
+            registry.load_all()
         app.state.registry = registry
         # The audit store only matters with the admin routes on; without a token there is no way
         # to request an audit, so no database is opened (or created).
@@ -156,8 +164,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if manager is not None:
             manager.start()
             # The model repository's record shares the audit store's database (service/repository.py).
-            app.state.repository = Reconciler(
-                registry, ModelRecords(manager.store), settings.repository_poll_s
+            records, poll_s = ModelRecords(manager.store), settings.repository_poll_s
+            app.state.repository = (
+                Reconciler(registry, records, poll_s)
+                if remote is None
+                else RemoteReconciler(remote, records, poll_s)
             )
             app.state.repository.start()
         app.state.attacks = AttackPool(settings)  # worker processes start with the first :attack
@@ -175,6 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 manager.stop()
                 metrics.AUDIT_STORE.snapshot = None
             registry.stop()
+            if remote is not None:
+                await remote.close()
             log.info("models and audits stopped")
 
     app = FastAPI(

@@ -84,6 +84,12 @@ class Outputs:
         }
 
 
+def require_embedding(capabilities: Capabilities, what: str) -> None:
+    """Raise a 422 naming what is missing when ``what`` needs an embedding the model lacks."""
+    if not capabilities.embedding:
+        raise CapabilityMissing(f"{what} needs an embedding: {capabilities.why_no_embedding}")
+
+
 class InferenceEngine:
     """A loaded, verified model on its device, in eval mode, ready for batches."""
 
@@ -103,9 +109,7 @@ class InferenceEngine:
         self.typicality = self._typicality(card)
 
     def require_embedding(self, what: str) -> None:
-        """Raise a 422 naming what is missing when ``what`` needs an embedding this model lacks."""
-        if not self.capabilities.embedding:
-            raise CapabilityMissing(f"{what} needs an embedding: {self.capabilities.why_no_embedding}")
+        require_embedding(self.capabilities, what)
 
     def _typicality(self, card: ModelCard) -> Typicality | None:
         if not card.typicality or not self.capabilities.embedding:

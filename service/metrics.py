@@ -8,11 +8,20 @@ seconds, open fds), which the benchmarks read.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,11 +62,14 @@ QUEUE_WAIT = Histogram(
 INFERENCE_DURATION = Histogram(
     "erc_inference_duration_seconds", "Forward pass time per batch", ["model"], buckets=LATENCY_BUCKETS
 )
-QUEUE_DEPTH = Gauge("erc_queue_depth", "Rows waiting in the batch queue", ["model"])
+QUEUE_DEPTH = Gauge(
+    "erc_queue_depth", "Rows waiting in the batch queue", ["model"], multiprocess_mode="livesum"
+)
 MODEL_INFO = Gauge(
     "erc_model_info",
     "Served model (value 1) with its identity; version = first 12 hex digits of the weights' sha256",
     ["model", "version", "arch", "dataset", "method", "sha256"],
+    multiprocess_mode="livemax",
 )
 AUDITS = Counter("erc_audits_total", "Audits by final status (counted where they ended)", ["status"])
 AUDIT_ATTEMPTS = Counter(
@@ -72,9 +84,13 @@ AUDIT_WORKER_HEARTBEAT = Gauge(
     "erc_audit_worker_heartbeat_timestamp_seconds",
     "Last heartbeat of this process's audit worker",
     registry=None,
+    multiprocess_mode="livemax",
 )
 AUDIT_WORKER_BUSY = Gauge(
-    "erc_audit_worker_busy", "1 while this process's audit worker runs an audit", registry=None
+    "erc_audit_worker_busy",
+    "1 while this process's audit worker runs an audit",
+    registry=None,
+    multiprocess_mode="livemax",
 )
 _worker_gauges_lock = threading.Lock()
 _worker_gauges_exported = False
@@ -90,8 +106,12 @@ def export_worker_gauges() -> None:
             _worker_gauges_exported = True
 
 
-MODEL_READY = Gauge("erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"])
-MODELS_LOADED = Gauge("erc_models_loaded", "Model versions this process serves (loaded and warm)")
+MODEL_READY = Gauge(
+    "erc_model_ready", "1 when the model is loaded and warm, else 0", ["model"], multiprocess_mode="livemax"
+)
+MODELS_LOADED = Gauge(
+    "erc_models_loaded", "Model versions this process serves (loaded and warm)", multiprocess_mode="livemax"
+)
 MODEL_LOAD_DURATION = Histogram(
     "erc_model_load_duration_seconds",
     "Time to load, verify and warm one model version",
@@ -135,7 +155,9 @@ ATTACK_QUEUE_WAIT = Histogram(
     "Time an attack-check request waited for a worker process",
     buckets=LATENCY_BUCKETS,
 )
-ATTACK_IN_FLIGHT = Gauge("erc_attack_in_flight", "Attack-check requests queued or running")
+ATTACK_IN_FLIGHT = Gauge(
+    "erc_attack_in_flight", "Attack-check requests queued or running", multiprocess_mode="livesum"
+)
 
 
 def observe_typicality(model: str, endpoint: str, out: Any) -> None:
@@ -224,4 +246,32 @@ REGISTRY.register(AUDIT_STORE)
 
 
 def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(_multiprocess_registry()), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_WORKER_GAUGES = (AUDIT_WORKER_HEARTBEAT._name, AUDIT_WORKER_BUSY._name)
+
+
+class _AllProcesses(Collector):
+    """Every process of ``erc serve``'s layout (service/multiproc), from the shared directory:
+    counters and histograms summed, gauges by their ``multiprocess_mode``. The audit worker's gauges
+    only when a process runs a worker (its heartbeat is then above 0), as in one process."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import multiprocess
+
+        families = list(multiprocess.MultiProcessCollector(None).collect())
+        beats = [s.value for f in families if f.name == _WORKER_GAUGES[0] for s in f.samples]
+        for family in families:
+            if family.name in _WORKER_GAUGES and not any(b > 0 for b in beats):
+                continue
+            yield family
+
+
+def _multiprocess_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_AllProcesses())
+    registry.register(AUDIT_STORE)  # this HTTP process's view of the shared store (the same for all)
+    return registry

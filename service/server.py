@@ -11,6 +11,7 @@ second signal during the drain shuts down at once.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from types import FrameType
 
@@ -39,7 +40,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve until a signal; on ``sock`` when given (an HTTP process of several), else on the
+    settings' host and port."""
     config = uvicorn.Config(
         build_asgi(settings),
         host=settings.host,
@@ -51,4 +54,4 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=15,
         log_config=None,  # keep the root logging set up by service.cli.main()
     )
-    DrainingServer(config, settings.shutdown_grace_s).run()
+    DrainingServer(config, settings.shutdown_grace_s).run(sockets=None if sock is None else [sock])

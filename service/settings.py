@@ -56,6 +56,18 @@ class Settings(BaseSettings):
         True, description="serve the inference routes without FastAPI's per-request stack"
     )
     warmup: bool = Field(True, description="run each model once per batch size bucket before reporting ready")
+    http_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP processes of erc serve: 1 runs HTTP and the model in one process; N > 1 starts "
+        "one model process that batches the requests of N HTTP processes sharing the port (docs/deploy.md)",
+    )
+    model_process_socket: Path | None = Field(
+        None,
+        description="set by erc serve for its HTTP processes (the model process's Unix socket); not a "
+        "user setting",
+    )
 
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")

@@ -20,6 +20,7 @@ FLAGS = {
     "batch_wait_ms": "batch_wait_ms",
     "torch_threads": "torch_threads",
     "workers": "workers",
+    "http_processes": "http_processes",
     "attack_access": "attack_access",
     "audit_db": "audit_db",
 }
@@ -41,5 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if not settings.model_store.is_dir():
         raise SystemExit(f"erc: model store {settings.model_store} does not exist (--store, ERC_MODEL_STORE)")
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.http_processes > 1:
+        from service.multiproc.supervisor import supervise
+
+        return supervise(settings)
     serve(settings)
     return 0

@@ -1,0 +1,152 @@
+"""The wire format between HTTP processes and the model process (one Unix stream socket each).
+
+Every frame is a 4-byte big-endian length, then a body whose first byte names its kind:
+
+- ``I`` infer (HTTP -> model): request id, model name, store entry, shape, then the float32 rows as
+  raw bytes (C order). No pickling: the model process reads them with ``numpy.frombuffer``.
+- ``C`` cancel (HTTP -> model): the client of request id went away; dropped before its forward.
+- ``R`` result (model -> HTTP): request id, rows n, classes m, embedding width k, a flag for the
+  typicality scores, then logits, probabilities, embedding (float32), labels (int64) and, when
+  flagged, prior log density, Mahalanobis distance (float32) and the atypical flags (bool).
+- ``E`` error (model -> HTTP): request id and a JSON ``{"type", "message", "headers"}``; the HTTP
+  process raises the same :mod:`service.errors` class, so the answer is the one a single process
+  gives (503 with Retry-After for a full queue, and so on).
+- ``X`` control (HTTP -> model) and ``K`` its acknowledgement: request id and a JSON body (the
+  model repository's ``reconcile`` and ``poke``).
+- ``T`` table (model -> HTTP): JSON, the versions the model process holds, sent on connect and
+  after every change (the HTTP processes route by it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+from service import errors
+from service.inference import Outputs
+
+_LEN = struct.Struct("!I")
+_ID = struct.Struct("!cQ")
+_INFER = struct.Struct("!cQHHB")  # kind, id, len(name), len(entry), ndim
+_RESULT = struct.Struct("!cQIIIB")  # kind, id, n, m, k, typicality flag
+MAX_FRAME = 1 << 30
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's body; ``asyncio.IncompleteReadError`` when the peer has gone."""
+    (size,) = _LEN.unpack(await reader.readexactly(4))
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes")
+    return await reader.readexactly(size)
+
+
+def frame(*parts: bytes) -> bytes:
+    size = sum(len(p) for p in parts)
+    return b"".join((_LEN.pack(size), *parts))
+
+
+# -- infer / cancel ----------------------------------------------------------------------------------
+def infer_frame(rid: int, name: str, entry: str, x: np.ndarray) -> bytes:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, e = name.encode(), entry.encode()
+    dims = struct.pack(f"!{x.ndim}I", *x.shape)
+    return frame(_INFER.pack(b"I", rid, len(n), len(e), x.ndim), n, e, dims, x.tobytes())
+
+
+def parse_infer(body: bytes) -> tuple[int, str, str, np.ndarray]:
+    _, rid, ln, le, ndim = _INFER.unpack_from(body)
+    at = _INFER.size
+    name = body[at : at + ln].decode()
+    at += ln
+    entry = body[at : at + le].decode()
+    at += le
+    shape = struct.unpack_from(f"!{ndim}I", body, at)
+    at += 4 * ndim
+    x = np.frombuffer(body, dtype=np.float32, offset=at).reshape(shape)
+    return rid, name, entry, x
+
+
+def id_frame(kind: bytes, rid: int, payload: Any = None) -> bytes:
+    head = _ID.pack(kind, rid)
+    return frame(head) if payload is None else frame(head, json.dumps(payload).encode())
+
+
+def parse_id(body: bytes) -> tuple[int, Any]:
+    _, rid = _ID.unpack_from(body)
+    rest = body[_ID.size :]
+    return rid, (json.loads(rest) if rest else None)
+
+
+# -- results ------------------------------------------------------------------------------------------
+def result_frame(rid: int, out: Outputs) -> bytes:
+    n, m = out.logits.shape
+    k = out.embedding.shape[1]
+    typ = out.mahalanobis is not None and out.prior_log_density is not None and out.atypical is not None
+    parts = [
+        _RESULT.pack(b"R", rid, n, m, k, typ),
+        np.ascontiguousarray(out.logits, np.float32).tobytes(),
+        np.ascontiguousarray(out.probabilities, np.float32).tobytes(),
+        np.ascontiguousarray(out.embedding, np.float32).tobytes(),
+        np.ascontiguousarray(out.label, np.int64).tobytes(),
+    ]
+    if typ:
+        parts += [
+            np.ascontiguousarray(out.prior_log_density, np.float32).tobytes(),
+            np.ascontiguousarray(out.mahalanobis, np.float32).tobytes(),
+            np.ascontiguousarray(out.atypical, np.bool_).tobytes(),
+        ]
+    return frame(*parts)
+
+
+def parse_result(body: bytes) -> tuple[int, Outputs]:
+    _, rid, n, m, k, typ = _RESULT.unpack_from(body)
+    at = _RESULT.size
+
+    def take(dtype: Any, count: int, shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal at
+        a = np.frombuffer(body, dtype=dtype, count=count, offset=at).reshape(shape)
+        at += a.nbytes
+        return a
+
+    out = Outputs(
+        take(np.float32, n * m, (n, m)),
+        take(np.float32, n * m, (n, m)),
+        take(np.float32, n * k, (n, k)),
+        take(np.int64, n, (n,)),
+    )
+    if typ:
+        out.prior_log_density = take(np.float32, n, (n,))
+        out.mahalanobis = take(np.float32, n, (n,))
+        out.atypical = take(np.bool_, n, (n,))
+    return rid, out
+
+
+# -- errors -------------------------------------------------------------------------------------------
+def error_frame(rid: int, exc: BaseException) -> bytes:
+    payload = {
+        "type": type(exc).__name__,
+        "message": getattr(exc, "message", None) or str(exc) or type(exc).__name__,
+        "code": getattr(exc, "code", None),
+        "headers": getattr(exc, "headers", None),
+    }
+    return id_frame(b"E", rid, payload)
+
+
+class RemoteInferenceError(RuntimeError):
+    """An error of the model process that is not one of the service's own (an HTTP 500)."""
+
+
+def error_from(payload: dict[str, Any]) -> Exception:
+    """The exception an ``E`` frame describes: the same :mod:`service.errors` class (code, message
+    and headers included) when it is one."""
+    cls = getattr(errors, str(payload.get("type", "")), None)
+    message = str(payload.get("message", ""))
+    if isinstance(cls, type) and issubclass(cls, errors.ServiceError):
+        exc = cls.__new__(cls)
+        errors.ServiceError.__init__(exc, message, code=payload.get("code"), headers=payload.get("headers"))
+        return exc
+    return RemoteInferenceError(f"the model process failed: {payload.get('type')}: {message}")

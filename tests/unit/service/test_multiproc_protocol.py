@@ -1,0 +1,101 @@
+"""The frames between erc serve's HTTP processes and its model process (service/multiproc/protocol.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import numpy as np
+import pytest
+
+from service.errors import ModelNotServed, QueueFull
+from service.inference import Outputs
+from service.multiproc import protocol
+
+
+def _body(data: bytes) -> bytes:
+    (size,) = struct.unpack("!I", data[:4])
+    assert size == len(data) - 4
+    return data[4:]
+
+
+def test_an_infer_frame_carries_the_rows_exactly() -> None:
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    rid, name, entry, back = protocol.parse_infer(_body(protocol.infer_frame(7, "mnist-ér", "entry-1", x)))
+    assert (rid, name, entry) == (7, "mnist-ér", "entry-1")
+    assert back.shape == x.shape and back.dtype == np.float32
+    np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.parametrize("typicality", [False, True])
+def test_a_result_frame_carries_every_output(typicality: bool) -> None:
+    rng = np.random.default_rng(1)
+    out = Outputs(
+        rng.random((4, 10), dtype=np.float32),
+        rng.random((4, 10), dtype=np.float32),
+        rng.random((4, 3), dtype=np.float32),
+        np.array([1, 9, 0, 3], dtype=np.int64),
+    )
+    if typicality:
+        out.prior_log_density = rng.random(4, dtype=np.float32)
+        out.mahalanobis = rng.random(4, dtype=np.float32)
+        out.atypical = np.array([True, False, False, True])
+    rid, back = protocol.parse_result(_body(protocol.result_frame(2**40, out)))
+    assert rid == 2**40
+    for name in (
+        "logits",
+        "probabilities",
+        "embedding",
+        "label",
+        "prior_log_density",
+        "mahalanobis",
+        "atypical",
+    ):
+        a, b = getattr(out, name), getattr(back, name)
+        if a is None:
+            assert b is None
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_embedding_free_model_has_zero_width_embeddings() -> None:
+    out = Outputs(np.zeros((2, 5), np.float32), np.zeros((2, 5), np.float32), np.zeros((2, 0), np.float32),
+                  np.zeros(2, np.int64))  # fmt: skip
+    _, back = protocol.parse_result(_body(protocol.result_frame(1, out)))
+    assert back.embedding.shape == (2, 0)
+
+
+def test_errors_come_back_as_the_same_service_error() -> None:
+    for exc in (
+        QueueFull("model 'm' has 256 images queued (limit 256); retry"),
+        ModelNotServed("no model 'x'"),
+    ):
+        rid, payload = protocol.parse_id(_body(protocol.error_frame(5, exc)))
+        back = protocol.error_from(payload)
+        assert rid == 5 and type(back) is type(exc)
+        assert (back.status, back.code, back.message, back.headers) == (
+            exc.status,
+            exc.code,
+            exc.message,
+            exc.headers,
+        )
+    _, payload = protocol.parse_id(_body(protocol.error_frame(6, RuntimeError("CUDA out of memory"))))
+    other = protocol.error_from(payload)
+    assert isinstance(other, protocol.RemoteInferenceError) and "CUDA out of memory" in str(other)
+
+
+def test_frames_are_read_whole_from_a_stream() -> None:
+    async def go() -> list[bytes]:
+        reader = asyncio.StreamReader()
+        data = protocol.id_frame(b"K", 1, {"a": 1}) + protocol.id_frame(b"C", 2)
+        for i in range(0, len(data), 3):  # arriving in pieces
+            reader.feed_data(data[i : i + 3])
+        reader.feed_eof()
+        frames = [await protocol.read_frame(reader), await protocol.read_frame(reader)]
+        with pytest.raises(asyncio.IncompleteReadError):
+            await protocol.read_frame(reader)
+        return frames
+
+    first, second = asyncio.run(go())
+    assert protocol.parse_id(first) == (1, {"a": 1}) and protocol.parse_id(second) == (2, None)
