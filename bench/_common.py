@@ -175,8 +175,10 @@ class CpuMeter:
     waited-for children (wrk). ``idle`` is what is left of all cores over the run's wall time.
     """
 
-    def __init__(self, pid: int | list[int], loop_pids: tuple[int, ...] = ()) -> None:
-        self.pid, self.loop_pids = pid, loop_pids
+    def __init__(
+        self, pid: int | list[int], loop_pids: tuple[int, ...] = (), model_pids: tuple[int, ...] = ()
+    ) -> None:
+        self.pid, self.loop_pids, self.model_pids = pid, loop_pids, model_pids
 
     def __enter__(self) -> CpuMeter:
         self._t0 = time.perf_counter()
@@ -194,7 +196,11 @@ class CpuMeter:
             used = secs - self._threads0.get((p, tid), (comm, 0.0))[1]
             key = comm  # erc serve: the event loop's thread apart from the others
             if p in self.loop_pids:
-                key = "event_loop" if tid == p else "inference_threads"
+                key = (
+                    "event_loop" if tid == p else ("http_threads" if self.model_pids else "inference_threads")
+                )
+            elif p in self.model_pids:  # erc serve's model process: its socket loop, its batcher
+                key = "model_process_loop" if tid == p else "inference_threads"
             self.split[key] = self.split.get(key, 0.0) + used
 
     def per_request_ms(self, requests: int) -> dict[str, float]:
@@ -203,6 +209,21 @@ class CpuMeter:
         out = {k: round(v / requests * 1e3, 3) for k, v in sorted(self.split.items())}
         out["idle"] = round(max(0.0, capacity - used) / requests * 1e3, 3)
         return out
+
+
+def process_roles(pid: int) -> dict[int, str]:
+    """The children of an ``erc serve`` supervisor by role (``model``, ``http-1``, ...)."""
+    roles = {}
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/environ", "rb") as fh:
+                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        except FileNotFoundError:
+            continue
+        role = env.get(b"ERC_PROCESS_ROLE")
+        if role:
+            roles[child] = role.decode()
+    return roles
 
 
 def start_erc(store: Path, env: dict[str, str], log_dir: Path) -> ServerProcess:

@@ -26,9 +26,7 @@ import argparse
 import atexit
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ from _common import (
     log,
     machine,
     mnist_pngs,
+    process_roles,
     rss_bytes,
     run_wrk,
     start_erc,
@@ -57,7 +56,6 @@ from _common import (
 )
 
 from service.inference import InferenceEngine
-from service.launch import http_status
 
 
 def in_process(engine: InferenceEngine, max_batch: int, threads: int, seconds: float) -> dict:
@@ -86,31 +84,6 @@ def in_process(engine: InferenceEngine, max_batch: int, threads: int, seconds: f
     }
 
 
-def wait_all_ready(url: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 120.0) -> None:
-    """Until every process of the group has logged uvicorn's startup line (a request to the shared
-    port reaches one of them at random) and the port answers ``/readyz``."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"a server process exited: {[p.returncode for p in procs]}")
-        started = all("Application startup complete" in log.read_text(errors="replace") for log in logs)
-        if started and http_status(url + "/readyz") == 200:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"server processes not ready in {timeout:.0f} s")
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def wait_workers(ts, name: str, workers: int, timeout: float = 180.0) -> None:
     """Until all ``workers`` of the model are READY (``wait_ready`` returns with the first)."""
     ts.wait_ready(name)
@@ -134,11 +107,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds at N clients per server, before")
     ap.add_argument("--skip-torchserve", action="store_true")
     ap.add_argument(
-        "--processes",
-        type=int,
-        default=2,
-        help="also measure N service processes sharing the port (SO_REUSEPORT), each with threads/N "
-        "torch threads (0: skip)",
+        "--http-processes",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[2],
+        help="also measure erc serve with ERC_HTTP_PROCESSES=N (one model process), for each N of this "
+        "comma-separated list (empty: skip)",
+    )
+    ap.add_argument(
+        "--model-threads", type=int, default=0, help="torch threads of the model process (0: --threads)"
     )
     ap.add_argument("--more-clients", type=int, default=64, help="a further load level per repeat (0: skip)")
     args = ap.parse_args()
@@ -182,44 +158,29 @@ def main() -> int:
         "stop": srv.stop,
     }
 
-    # -- the service as N processes on one port (SO_REUSEPORT), measured beside the one process ---
-    if args.processes > 1:
-        port = free_port()
-        environ = {
-            **os.environ,
-            **env,
-            "ERC_MODEL_STORE": str(store),
-            "ERC_TORCH_THREADS": str(max(1, args.threads // args.processes)),
-            "PYTHONPATH": str(REPO),
+    # -- erc serve with ERC_HTTP_PROCESSES=N: N HTTP processes, one model process (service/multiproc) --
+    for n_http in args.http_processes:
+        layout_env = {**env, "ERC_HTTP_PROCESSES": str(n_http)}
+        if args.model_threads:
+            layout_env["ERC_TORCH_THREADS"] = str(args.model_threads)
+        mp = start_erc(store, layout_env, workdir / f"http{n_http}")
+        atexit.register(mp.stop)
+        roles = process_roles(mp.proc.pid)
+        info: dict = {
+            "cold_start_s": round(mp.started_s, 2),
+            "config": {"http_processes": n_http, "model_torch_threads": int(layout_env["ERC_TORCH_THREADS"])},
+            "rss_ready_mb": round(rss_bytes(mp.proc.pid) / 2**20, 1),
         }
-        t0 = time.perf_counter()
-        logs = [workdir / f"reuseport-{i}.log" for i in range(args.processes)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / "_reuseport_server.py"), str(port)],
-                env=environ,
-                stdout=subprocess.DEVNULL,
-                stderr=log.open("wb"),
-            )
-            for log in logs
-        ]
-        atexit.register(stop_all, procs)
-        url = f"http://127.0.0.1:{port}"
-        wait_all_ready(url, procs, logs)
-        multi: dict = {
-            "cold_start_s": round(time.perf_counter() - t0, 2),
-            "config": {"processes": args.processes, "torch_threads": int(environ["ERC_TORCH_THREADS"])},
-        }
-        multi["label_mismatches"] = check_labels(url, f"/v1/models/{name}:predict", pngs, expected)
-        pids = [p.pid for p in procs]
-        multi["rss_ready_mb"] = round(rss_bytes(pids) / 2**20, 1)
-        servers[f"erc_x{args.processes}"] = {
-            "url": url,
+        info["label_mismatches"] = check_labels(mp.url, f"/v1/models/{name}:predict", pngs, expected)
+        servers[f"erc_http{n_http}"] = {
+            "url": mp.url,
             "path": f"/v1/models/{name}:predict",
             "auth": "",
-            "info": multi,
-            "pid": pids,
-            "stop": lambda: stop_all(procs),
+            "info": info,
+            "pid": mp.proc.pid,
+            "loop_pids": tuple(p for p, role in roles.items() if role.startswith("http")),
+            "model_pids": tuple(p for p, role in roles.items() if role == "model"),
+            "stop": mp.stop,
         }
 
     # -- TorchServe ------------------------------------------------------------------------------
@@ -310,11 +271,10 @@ def main() -> int:
             log(f"  repeat {rep + 1} in-process: {limits[-1]}")
             for key, s in servers.items():
                 run_wrk(s["url"], s["path"], pngs, args.clients, 3, s["auth"])  # warm
-                pids = s["pid"] if isinstance(s["pid"], list) else [s["pid"]]
-                loop_pids = tuple(pids) if key.startswith("erc") else ()
+                loop_pids = s.get("loop_pids", (s["pid"],) if key == "erc" else ())
                 with RssSampler(s["pid"]) as rss:
                     one = run_wrk(s["url"], s["path"], pngs, 1, args.seconds / 2, s["auth"])
-                    with CpuMeter(s["pid"], loop_pids) as cpu:
+                    with CpuMeter(s["pid"], loop_pids, s.get("model_pids", ())) as cpu:
                         many = run_wrk(s["url"], s["path"], pngs, args.clients, args.seconds, s["auth"])
                 runs[key]["cpu"].append(cpu.per_request_ms(many.requests))
                 if args.more_clients:
@@ -384,12 +344,25 @@ def main() -> int:
             ratios[f"erc_vs_torchserve_{args.more_clients}_clients"] = med(
                 [o.rps / t.rps for o, t in zip(runs["erc"]["more"], runs["torchserve"]["more"], strict=True)]
             )
-    multi_key = f"erc_x{args.processes}"
-    if multi_key in runs:
-        for level, tag in (("n", f"{args.clients}_clients"), ("more", f"{args.more_clients}_clients")):
-            pairs = zip(runs[multi_key][level], runs["erc"][level], strict=True)
-            if runs["erc"][level]:
-                ratios[f"{multi_key}_vs_erc_{tag}"] = med([m.rps / o.rps for m, o in pairs])
+    for n_http in args.http_processes:
+        key = f"erc_http{n_http}"
+        key_n = [r.rps for r in runs[key]["n"]]
+        ratios[f"{key}_vs_in_process_limit"] = med(
+            [o / lim["images_per_s"] for o, lim in zip(key_n, limits, strict=True)]
+        )
+        ratios[f"{key}_one_client_p50_vs_batch1_forward"] = med(
+            [r.p50_ms / lim["batch1_median_ms"] for r, lim in zip(runs[key]["1"], limits, strict=True)]
+        )
+        ratios[f"{key}_vs_erc"] = med([m / o for m, o in zip(key_n, ours_n, strict=True)])
+        if "torchserve" in runs:
+            ratios[f"{key}_vs_torchserve"] = med([m / t for m, t in zip(key_n, ts_n, strict=True)])
+            if runs["torchserve"]["more"]:
+                ratios[f"{key}_vs_torchserve_{args.more_clients}_clients"] = med(
+                    [
+                        m.rps / t.rps
+                        for m, t in zip(runs[key]["more"], runs["torchserve"]["more"], strict=True)
+                    ]
+                )
     result["ratios"] = ratios
     result["targets"] = {
         "http_vs_in_process_limit": ">= 0.85",

@@ -154,8 +154,19 @@ class Batcher:
 
     async def submit(self, x: torch.Tensor) -> Any:
         """Queue ``x`` (``[n, ...]``, n <= max_queue) and wait for its ``n`` output rows."""
+        future = self.enqueue(x, asyncio.get_running_loop())
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"model {self.name!r} did not answer within {self.timeout_s:g} s",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    def enqueue(self, x: torch.Tensor, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+        """Queue ``x`` and return the future of its output rows, resolved on ``loop`` (no timeout:
+        :meth:`submit` adds one; cancelling the future drops the request before its forward)."""
         rows = int(x.shape[0])
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
             if self._stopping or not self._threads:
@@ -171,13 +182,7 @@ class Batcher:
                 self._cond.notify()
         if self.stats.on_depth:
             self.stats.on_depth(depth)
-        try:
-            return await asyncio.wait_for(future, self.timeout_s)
-        except TimeoutError:
-            raise ServiceUnavailable(
-                f"model {self.name!r} did not answer within {self.timeout_s:g} s",
-                headers={"Retry-After": "1"},
-            ) from None
+        return future
 
     # -- worker thread ------------------------------------------------------------------------------
     def _take(self, batch: list[_Item], rows: int) -> int:

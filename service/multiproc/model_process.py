@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +34,13 @@ import torch
 
 from service.errors import ModelNotReady
 from service.multiproc.protocol import (
+    ID_SIZE,
+    FrameProtocol,
     error_frame,
     frame,
     id_frame,
     parse_id,
     parse_infer,
-    read_frame,
     result_frame,
 )
 from service.repository import ModelRecords, Reconciler
@@ -97,9 +97,9 @@ class ModelServer:
         self.settings = settings
         self.registry = TableRegistry(settings)
         self.reconciler: Reconciler | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
+        self.conns: set[_Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._table = b""
+        self.table = b""
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def run(self, path: Path) -> None:
@@ -117,7 +117,7 @@ class ModelServer:
             self.reconciler.start()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        server = await asyncio.start_unix_server(self._serve, path=str(path))
+        server = await loop.create_unix_server(self.connect, path=str(path))
         watch = asyncio.ensure_future(self._watch_table())
         log.info("model process %d: serving %s on %s", os.getpid(), ", ".join(self.registry.models), path)
         await stop.wait()
@@ -127,9 +127,10 @@ class ModelServer:
         await loop.run_in_executor(None, self.registry.stop)
         if self.reconciler is not None:
             await loop.run_in_executor(None, self.reconciler.stop)
-        await asyncio.sleep(0)  # let the last answers reach their writers
-        for w in list(self.writers):
-            w.close()
+        await asyncio.sleep(0.05)  # the last answers leave (each connection flushes at the next turn)
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         log.info("model process: stopped")
@@ -143,12 +144,11 @@ class ModelServer:
         """Send the table to every HTTP process when it changed (True when sent)."""
         replica = self.reconciler.replica if self.reconciler is not None else None
         data = json.dumps(table_of(self.registry, replica), sort_keys=True).encode()
-        if data == self._table:
+        if data == self.table:
             return False
-        self._table = data
-        for w in list(self.writers):
-            if not w.is_closing():
-                w.write(frame(b"T", data))
+        self.table = data
+        for conn in list(self.conns):
+            conn.send(frame(b"T", data))
         return True
 
     async def _watch_table(self) -> None:
@@ -158,66 +158,15 @@ class ModelServer:
             self.push_table()
 
     # -- one HTTP process ---------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        tasks: dict[int, asyncio.Future[None]] = {}
-        controls: set[asyncio.Future[None]] = set()  # held until done (the loop keeps weak references)
-        if not self.push_table():  # a new table went to every connection, this one included
-            writer.write(frame(b"T", self._table))
-        try:
-            while True:
-                body = await read_frame(reader)
-                kind = body[:1]
-                if kind == b"I":
-                    try:
-                        rid, name, entry, x = parse_infer(body)
-                    except (ValueError, struct.error, UnicodeDecodeError) as exc:
-                        rid, _ = parse_id(body[: struct.calcsize("!cQ")])
-                        writer.write(error_frame(rid, ValueError(f"malformed request frame: {exc}")))
-                        continue
-                    task = asyncio.ensure_future(self._infer(writer, rid, name, entry, x))
-                    tasks[rid] = task
-                    task.add_done_callback(functools.partial(_forget, tasks, rid))
-                elif kind == b"C":
-                    rid, _ = parse_id(body)
-                    if rid in tasks:
-                        tasks[rid].cancel()
-                elif kind == b"X":
-                    control = asyncio.ensure_future(self._control(writer, body))
-                    controls.add(control)
-                    control.add_done_callback(controls.discard)
-                else:
-                    log.warning("model process: unknown frame kind %r; closing the connection", kind)
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the HTTP process went away
-        finally:
-            for pending in list(tasks.values()):
-                pending.cancel()
-            self.writers.discard(writer)
-            writer.close()
+    def connect(self) -> _Connection:
+        conn = _Connection(self)
+        self.conns.add(conn)
+        return conn
 
-    async def _infer(self, writer: asyncio.StreamWriter, rid: int, name: str, entry: str, x: Any) -> None:
-        try:
-            served = self.registry.versions.get((name, entry))
-            if served is None or served.batcher is None:
-                raise ModelNotReady(
-                    f"model {name!r} (store entry {entry}) is not loaded in the model process"
-                )
-            out = await served.batcher.submit(torch.from_numpy(x.copy()))
-            data = result_frame(rid, out)
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:  # every error goes back to the request it belongs to
-            data = error_frame(rid, exc)
-        if not writer.is_closing():
-            writer.write(data)
-
-    async def _control(self, writer: asyncio.StreamWriter, body: bytes) -> None:
-        rid, request = parse_id(body)
-        op = (request or {}).get("op")
-        answer: dict[str, Any] = {}
+    async def control(self, op: str | None) -> dict[str, Any]:
+        """A repository operation asked by an HTTP process; the table goes out before the answer."""
         rec = self.reconciler
+        answer: dict[str, Any] = {}
         try:
             if rec is None:
                 raise RuntimeError("the model repository is off (no admin token)")
@@ -230,13 +179,73 @@ class ModelServer:
                 raise ValueError(f"unknown control operation {op!r}")
         except Exception as exc:
             answer = {"error": type(exc).__name__, "message": str(exc)}
-        self.push_table()  # before the answer: the HTTP process routes by it once answered
-        if not writer.is_closing():
-            writer.write(id_frame(b"K", rid, answer))
+        self.push_table()
+        return answer
 
 
-def _forget(tasks: dict[int, Any], rid: int, _: Any) -> None:
-    tasks.pop(rid, None)
+class _Connection(FrameProtocol):
+    """One HTTP process: its requests go into the batchers; each answer is queued on this
+    connection when its batch is done (no task per request)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        super().__init__()
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.futures: dict[int, asyncio.Future[Any]] = {}
+        self.controls: set[asyncio.Future[None]] = set()  # held until done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.server.push_table():  # a new table went to every connection, this one included
+            self.send(frame(b"T", self.server.table))
+
+    def frame_received(self, body: bytes) -> None:
+        kind = body[:1]
+        if kind == b"I":
+            self._infer(body)
+        elif kind == b"C":
+            rid, _ = parse_id(body)
+            fut = self.futures.pop(rid, None)
+            if fut is not None:
+                fut.cancel()  # the batcher drops it before its forward
+        elif kind == b"X":
+            control = asyncio.ensure_future(self._control(body))
+            self.controls.add(control)
+            control.add_done_callback(self.controls.discard)
+        else:
+            log.warning("model process: unknown frame kind %r", kind)
+
+    def _infer(self, body: bytes) -> None:
+        rid, _ = parse_id(body[:ID_SIZE])
+        try:
+            rid, name, entry, x = parse_infer(body)
+            served = self.server.registry.versions.get((name, entry))
+            if served is None or served.batcher is None:
+                raise ModelNotReady(f"model {name!r} (store entry {entry}) is not in the model process")
+            fut = served.batcher.enqueue(torch.from_numpy(x.copy()), self.loop)
+        except Exception as exc:  # refused at once (a full queue, a stopping model, a bad frame)
+            self.send(error_frame(rid, exc))
+            return
+        self.futures[rid] = fut
+        fut.add_done_callback(functools.partial(self._answer, rid))
+
+    def _answer(self, rid: int, fut: asyncio.Future[Any]) -> None:
+        self.futures.pop(rid, None)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        self.send(error_frame(rid, exc) if exc is not None else result_frame(rid, fut.result()))
+
+    async def _control(self, body: bytes) -> None:
+        rid, request = parse_id(body)
+        answer = await self.server.control((request or {}).get("op"))
+        self.send(id_frame(b"K", rid, answer))
+
+    def lost(self) -> None:
+        for fut in list(self.futures.values()):
+            fut.cancel()
+        self.futures.clear()
+        self.server.conns.discard(self)
 
 
 def main() -> None:

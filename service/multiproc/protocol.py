@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,17 +32,73 @@ from service.inference import Outputs
 
 _LEN = struct.Struct("!I")
 _ID = struct.Struct("!cQ")
+ID_SIZE = _ID.size
 _INFER = struct.Struct("!cQHHB")  # kind, id, len(name), len(entry), ndim
 _RESULT = struct.Struct("!cQIIIB")  # kind, id, n, m, k, typicality flag
 MAX_FRAME = 1 << 30
+log = logging.getLogger(__name__)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """The next frame's body; ``asyncio.IncompleteReadError`` when the peer has gone."""
-    (size,) = _LEN.unpack(await reader.readexactly(4))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes")
-    return await reader.readexactly(size)
+class FrameProtocol(asyncio.Protocol):
+    """Frames over a Unix stream without a coroutine per read: :meth:`frame_received` is called
+    for each whole frame as the bytes arrive; :meth:`send` queues a frame and writes everything
+    queued in one call at the loop's next turn (the answers of one batch leave in one write)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._flushing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        at, end = 0, len(buf)
+        while end - at >= 4:
+            size = int.from_bytes(buf[at : at + 4], "big")
+            if size > MAX_FRAME:
+                log.error("frame of %d bytes: closing the connection", size)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if end - at - 4 < size:
+                break
+            body = bytes(buf[at + 4 : at + 4 + size])
+            at += 4 + size
+            try:
+                self.frame_received(body)
+            except Exception:  # one bad frame must not take the connection down
+                log.exception("frame %r could not be handled", body[:1])
+        if at:
+            del buf[:at]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.lost()
+
+    def send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def frame_received(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def lost(self) -> None:
+        """The peer has gone (or the connection was closed)."""
 
 
 def frame(*parts: bytes) -> bytes:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.errors import ModelNotReady
+from service.errors import ModelNotReady, ServiceUnavailable
 from service.imaging import InputSpec
 from service.inference import Outputs, require_embedding
 from service.multiproc.protocol import (
+    FrameProtocol,
     error_from,
     id_frame,
     infer_frame,
     parse_id,
     parse_result,
-    read_frame,
 )
 from service.repository import ModelRecords, Reconciler
 from service.served_models import ModelRegistry, ServedModel
@@ -49,58 +52,71 @@ log = logging.getLogger(__name__)
 RESTARTING = "the model process is not running (erc serve restarts it); retry"
 
 
+class _ClientProtocol(FrameProtocol):
+    def __init__(self, client: ModelProcessClient) -> None:
+        super().__init__()
+        self.client = client
+
+    def frame_received(self, body: bytes) -> None:
+        self.client.dispatch(body)
+
+
 class ModelProcessClient:
     def __init__(self, path: Path, on_table: Callable[[dict[str, Any] | None], None]) -> None:
         self.path = path
         self.on_table = on_table
         self.connected = False
         self.table: dict[str, Any] | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._proto: _ClientProtocol | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._deadlines: deque[tuple[float, int, float]] = deque()  # (deadline, id, timeout), in order
         self._ids = itertools.count(1)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._task = self.loop.create_task(self._run())
+        self._tasks = [self.loop.create_task(self._run()), self.loop.create_task(self._expire())]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _run(self) -> None:
-        waited = 0.0
+        assert self.loop is not None
+        waited = 0
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
+                _, proto = await self.loop.create_unix_connection(
+                    lambda: _ClientProtocol(self), str(self.path)
+                )
             except OSError:
+                waited += 1
+                if waited % 300 == 0:
+                    log.warning("no model process on %s after %d s", self.path, waited // 10)
                 await asyncio.sleep(0.1)
-                waited += 0.1
-                if waited >= 30 and waited % 30 < 0.1:
-                    log.warning("no model process on %s after %.0f s", self.path, waited)
                 continue
-            waited = 0.0
-            self._writer = writer
+            waited = 0
+            self._proto = proto
             try:
-                while True:
-                    self._dispatch(await read_frame(reader))
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                await proto.closed
                 log.warning("the model process closed its connection; 503 until it is back")
             finally:
                 self.connected = False
-                self._writer = None
-                writer.close()
+                self._proto = None
+                if proto.transport is not None:
+                    proto.transport.close()
                 pending, self._pending = self._pending, {}
-                for fut in pending.values():
+                self._deadlines.clear()
+                for fut, _ in pending.values():
                     if not fut.done():
                         fut.set_exception(ModelNotReady(RESTARTING, headers={"Retry-After": "1"}))
                 self.on_table(None)
             await asyncio.sleep(0.1)
 
-    def _dispatch(self, body: bytes) -> None:
+    def dispatch(self, body: bytes) -> None:
         kind = body[:1]
         if kind == b"R":
             rid, out = parse_result(body)
@@ -119,7 +135,7 @@ class ModelProcessClient:
             log.warning("model process: unknown frame kind %r", kind)
 
     def _settle(self, rid: int, value: Any, exc: BaseException | None) -> None:
-        fut = self._pending.pop(rid, None)
+        fut, _ = self._pending.pop(rid, (None, ""))
         if fut is None or fut.done():
             return
         if exc is not None:
@@ -127,40 +143,48 @@ class ModelProcessClient:
         else:
             fut.set_result(value)
 
-    async def _ask(self, data: Callable[[int], bytes], timeout_s: float) -> Any:
-        writer = self._writer
-        if not self.connected or writer is None:
+    async def _expire(self) -> None:
+        """Requests past their timeout: answered 503 here, dropped in the model process. One sweep
+        a quarter second instead of a timer per request (all of them share the same timeout)."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, rid, timeout_s = self._deadlines.popleft()
+                if rid not in self._pending:
+                    continue
+                what = self._pending[rid][1]
+                self._settle(rid, None, ServiceUnavailable(
+                    f"{what} did not answer within {timeout_s:g} s", headers={"Retry-After": "1"}
+                ))  # fmt: skip
+                if self._proto is not None:
+                    self._proto.send(id_frame(b"C", rid))
+
+    async def _ask(self, data: Callable[[int], bytes], what: str, timeout_s: float) -> Any:
+        proto = self._proto
+        if not self.connected or proto is None:
             raise ModelNotReady(RESTARTING, headers={"Retry-After": "1"})
         assert self.loop is not None
         rid = next(self._ids)
         fut = self.loop.create_future()
-        self._pending[rid] = fut
-        timer = self.loop.call_later(timeout_s, self._expire, rid, timeout_s)
-        writer.write(data(rid))
+        self._pending[rid] = (fut, what)
+        self._deadlines.append((time.monotonic() + timeout_s, rid, timeout_s))
+        proto.send(data(rid))
         try:
             return await fut
         except asyncio.CancelledError:  # the client went away: the model process drops the request
-            if self._pending.pop(rid, None) is not None and self._writer is writer:
-                writer.write(id_frame(b"C", rid))
+            if self._pending.pop(rid, None) is not None and self._proto is proto:
+                proto.send(id_frame(b"C", rid))
             raise
-        finally:
-            timer.cancel()
-
-    def _expire(self, rid: int, timeout_s: float) -> None:
-        self._settle(
-            rid,
-            None,
-            ModelNotReady(
-                f"the model process did not answer within {timeout_s:g} s", headers={"Retry-After": "1"}
-            ),
-        )
 
     async def infer(self, name: str, entry: str, x: np.ndarray, timeout_s: float) -> Outputs:
-        result: Outputs = await self._ask(lambda rid: infer_frame(rid, name, entry, x), timeout_s)
+        data = functools.partial(infer_frame, name=name, entry=entry, x=x)
+        result: Outputs = await self._ask(data, f"model {name!r}", timeout_s)
         return result
 
     async def control(self, op: str, timeout_s: float) -> dict[str, Any]:
-        answer: dict[str, Any] = await self._ask(lambda rid: id_frame(b"X", rid, {"op": op}), timeout_s)
+        data = functools.partial(id_frame, b"X", payload={"op": op})
+        answer: dict[str, Any] = await self._ask(lambda rid: data(rid=rid), "the model process", timeout_s)
         return answer
 
     def control_threadsafe(self, op: str, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -191,9 +215,7 @@ class RemoteBatcher:
     async def submit(self, x: torch.Tensor) -> Outputs:
         self._inflight += 1
         try:
-            # The model process enforces the queue timeout; this one only covers a model process
-            # that stops answering without closing its socket.
-            return await self.client.infer(self.name, self.entry, x.numpy(), self.timeout_s + 5.0)
+            return await self.client.infer(self.name, self.entry, x.numpy(), self.timeout_s)
         finally:
             self._inflight -= 1
 

@@ -214,7 +214,7 @@ def test_sigterm_drains_every_process(model_store, tmp_path, mnist_sample, start
     """With a steady load on both HTTP processes, SIGTERM: readiness fails at once, requests keep
     being served for the drain period, no accepted request fails, and every process stops cleanly."""
     srv = start_server_fn(
-        model_store, tmp_path, ERC_HTTP_PROCESSES="2", ERC_MODELS="tiny", ERC_SHUTDOWN_GRACE_S="3"
+        model_store, tmp_path, ERC_HTTP_PROCESSES="2", ERC_MODELS="tiny", ERC_SHUTDOWN_GRACE_S="6"
     )
     body = _png_body(mnist_sample.pngs[:1])
     stop, outcomes = threading.Event(), Counter()
