@@ -4,7 +4,9 @@
 1. in-process forward throughput at the service's max batch (the limit) and batch-1 latency;
 2. the HTTP service (``erc serve``) at 1 and at N concurrent clients (wrk, loopback), cold start,
    resident memory at rest and its peak under load;
-3. TorchServe serving the same weights through the project's handler, in the best of its
+3. ``erc serve`` with ``ERC_HTTP_PROCESSES=N`` (``--http-processes``: one model process batching for
+   N HTTP processes, service/multiproc), for each N asked;
+4. TorchServe serving the same weights through the project's handler, in the best of its
    configurations on this machine (one worker with all torch threads, or one worker per core
    with one thread each; batches of up to 32, 5 ms delay), picked by a first run of each.
 

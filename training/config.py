@@ -86,6 +86,9 @@ class MethodConfig:
     # er-trades: beta of the classification step CE(clean) + beta * KL(p(clean) || p(adv))
     # (Zhang et al. 2019, TRADES; their MNIST/CIFAR-10 choice is 6).
     trades_beta: float = 6.0
+    # Keep BatchNorm's running statistics as loaded (init_from) and normalize with them while
+    # training (fine-tuning): the layers stay in eval mode. run.bn_recalibration_n must be 0.
+    freeze_bn: bool = False
 
 
 @dataclass(frozen=True)

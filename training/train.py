@@ -544,6 +544,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     if cfg.run.bn_recalibration_n < 0:
         raise ConfigError(f"run.bn_recalibration_n: must be >= 0, got {cfg.run.bn_recalibration_n}")
+    if cfg.method.freeze_bn and cfg.run.bn_recalibration_n:
+        raise ConfigError(
+            "method.freeze_bn keeps BatchNorm's statistics as loaded: set run.bn_recalibration_n: 0 "
+            f"(got {cfg.run.bn_recalibration_n})"
+        )
     if not 0 <= cfg.run.ema_decay < 1:
         raise ConfigError(f"run.ema_decay: must lie in [0, 1) (0: off), got {cfg.run.ema_decay}")
     if not 0 <= cfg.optim.min_lr_mult <= 1:

@@ -123,6 +123,18 @@ def test_errors_are_answered_as_by_one_process(multi, server, mnist_sample) -> N
         assert c.post("/v1/models/tiny:predict", json=_png_body(mnist_sample.pngs[:1])).status_code == 200
 
 
+def test_attack_check_runs_from_an_http_process(multi, server, mnist_sample) -> None:
+    """:attack in its own child process, as in one process: the same seeded results."""
+    body = {**_png_body(mnist_sample.pngs[:1]), "parameters": {"steps": 3, "seed": 2}}
+    results = []
+    for srv in (multi, server):
+        with srv.client() as c:
+            r = c.post("/v1/models/tiny:attack", json=body)
+            assert r.status_code == 200, r.text
+            results.append(r.json()["results"])
+    assert results[0] == results[1]
+
+
 def test_metrics_add_up_across_processes(multi, mnist_sample) -> None:
     def predict_count(text: str) -> float:
         return sum(

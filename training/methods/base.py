@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -289,6 +290,21 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
         for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Put every BatchNorm layer of ``module`` in eval mode for good: ``train()`` (on it or on any
+    parent) leaves it there, so it normalizes with its running statistics and never updates them
+    (fine-tuning from weights whose statistics match them). Returns the number of layers."""
+    layers = batchnorm_layers(module)
+    for bn in layers:
+        bn.eval()
+        bn.train = types.MethodType(_stay_in_eval, bn)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return self
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from training.config import ConfigError
-from training.methods.base import Method, _Features, accuracy, frozen, register_method
+from training.methods.base import Method, _Features, accuracy, freeze_batchnorm, frozen, register_method
 from training.models import build_discriminator
 from training.priors import get_prior
 
@@ -204,6 +204,8 @@ class ERTradesMethod(ERMethod):
 
     def build(self) -> None:
         super().build()
+        if self.cfg.method.freeze_bn:
+            freeze_batchnorm(self.model)
         adv = self.cfg.adv
         if self.minmax and self.step_size(self.eps) * adv.steps < self.eps:
             raise ConfigError(

@@ -75,6 +75,40 @@ def test_a_full_step_runs_every_phase_and_logs_the_trades_terms() -> None:
     assert all(torch.isfinite(v) for v in out.values())
 
 
+def test_frozen_batchnorm_keeps_the_loaded_statistics_through_training_steps() -> None:
+    """method.freeze_bn: the BatchNorm layers stay in eval mode whatever train() is called on
+    (the method, the model, the crafting's mode restore), so training normalizes with the loaded
+    statistics and never changes them; the weights still learn."""
+    m = _trades(**{"method.freeze_bn": True, "run.bn_recalibration_n": 0})
+    bns = [mod for mod in m.model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    stats = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]  # type: ignore[union-attr]
+    weights = [p.detach().clone() for p in m.model.parameters()]
+    x, y = _batch()
+    for _ in range(2):
+        m.train(True)
+        m.model.train()
+        m.train_step(x, y)
+    assert all(not b.training for b in bns)
+    for b, (mean, var) in zip(bns, stats, strict=True):
+        assert torch.equal(b.running_mean, mean) and torch.equal(b.running_var, var)
+    assert any(not torch.equal(p, w) for p, w in zip(m.model.parameters(), weights, strict=True))
+    # Unfrozen, the same steps move the statistics.
+    m = _trades()
+    bn = next(mod for mod in m.model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm))
+    mean = bn.running_mean.clone()  # type: ignore[union-attr]
+    m.train_step(x, y)
+    assert not torch.equal(bn.running_mean, mean)
+
+
+def test_frozen_batchnorm_with_recalibration_is_refused(tmp_path: Path) -> None:
+    cfg = load_config(
+        overrides={"method.name": "er-trades", "method.freeze_bn": True, "run.out_dir": str(tmp_path)}
+    )
+    with pytest.raises(ConfigError, match=r"run\.bn_recalibration_n: 0"):
+        run_training(cfg)
+
+
 def test_inner_attack_stays_in_the_ball_in_float32_under_bf16_and_raises_the_kl() -> None:
     m = _trades(**{"run.amp": "bf16"})
     m.model.eval()
