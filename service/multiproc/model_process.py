@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,18 +250,10 @@ class _Connection(FrameProtocol):
 def main() -> None:
     import uvloop
 
-    from service.multiproc.supervisor import exit_with_parent
+    from service.multiproc.supervisor import child_settings
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s [model] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    settings = Settings()
-    logging.getLogger().setLevel(settings.log_level.upper())
-    if settings.model_process_socket is None:
-        raise SystemExit("model process: ERC_MODEL_PROCESS_SOCKET is not set (erc serve sets it)")
-    exit_with_parent()
+    settings = child_settings("model process")
+    assert settings.model_process_socket is not None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(ModelServer(settings).run(settings.model_process_socket))
 

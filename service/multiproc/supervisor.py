@@ -74,6 +74,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def child_settings(what: str) -> Settings:
+    """In a child (``what``: "HTTP process", "model process"): logging tagged with its role, its
+    settings from the variables the supervisor set, and a watch on the supervisor."""
+    role = os.environ.get("ERC_PROCESS_ROLE", what.split()[0].lower())
+    fmt = f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    settings = Settings()
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.model_process_socket is None:
+        raise SystemExit(f"{what}: ERC_MODEL_PROCESS_SOCKET is not set (erc serve sets it)")
+    exit_with_parent()
+    return settings
+
+
 def exit_with_parent() -> None:
     """In a child: stop (SIGTERM to itself) when the supervisor is gone, even when it was killed."""
     parent = os.getppid()
@@ -232,4 +246,8 @@ def _mark_dead(pid: int) -> None:
 
 
 def supervise(settings: Settings) -> int:
-    return Supervisor(settings).run()
+    try:
+        supervisor = Supervisor(settings)
+    except OSError as exc:
+        raise SystemExit(f"erc serve: cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    return supervisor.run()

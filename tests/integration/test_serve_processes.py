@@ -71,15 +71,20 @@ def _png_body(pngs: list[bytes]) -> dict:
     return {"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs]}
 
 
+def _both(servers, path: str, body: dict, key: str) -> list:
+    """``body[key]`` of the 200 answer of each server to ``POST path``."""
+    out = []
+    for srv in servers:
+        with srv.client() as c:
+            r = c.post(path, json=body)
+            assert r.status_code == 200, r.text
+            out.append(r.json()[key])
+    return out
+
+
 def test_answers_equal_one_process_and_the_model_file(multi, server, model_store, mnist_sample) -> None:
     body = {**_png_body(mnist_sample.pngs[:8]), "parameters": {"return_embedding": True}}
-    answers = []
-    for srv in (multi, server):
-        with srv.client() as c:
-            r = c.post("/v1/models/tiny:predict", json=body)
-            assert r.status_code == 200, r.text
-            answers.append(r.json()["predictions"])
-    many, one = answers
+    many, one = _both((multi, server), "/v1/models/tiny:predict", body, "predictions")
     assert [p["label"] for p in many] == [p["label"] for p in one]
     for key in ("probabilities", "embedding"):
         np.testing.assert_allclose([p[key] for p in many], [p[key] for p in one], rtol=1e-4, atol=1e-5)
@@ -126,13 +131,8 @@ def test_errors_are_answered_as_by_one_process(multi, server, mnist_sample) -> N
 def test_attack_check_runs_from_an_http_process(multi, server, mnist_sample) -> None:
     """:attack in its own child process, as in one process: the same seeded results."""
     body = {**_png_body(mnist_sample.pngs[:1]), "parameters": {"steps": 3, "seed": 2}}
-    results = []
-    for srv in (multi, server):
-        with srv.client() as c:
-            r = c.post("/v1/models/tiny:attack", json=body)
-            assert r.status_code == 200, r.text
-            results.append(r.json()["results"])
-    assert results[0] == results[1]
+    many, one = _both((multi, server), "/v1/models/tiny:attack", body, "results")
+    assert many == one
 
 
 def test_metrics_add_up_across_processes(multi, mnist_sample) -> None:
