@@ -29,10 +29,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from pydantic import SecretStr
 
@@ -110,7 +109,6 @@ class Child:
     restarts: int = 0
     quick_deaths: int = 0
     due: float = 0.0  # when to restart it (monotonic), after a backoff
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         env = {**self.env, "ERC_PROCESS_ROLE": self.role}
