@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,13 +254,16 @@ class ModelRegistry:
 
     # -- the repository's changes (service/repository.py; one thread calls these) ---------------
     def apply(self, wanted: list[Any]) -> None:
-        """Serve exactly the ``wanted`` records (service.repository.Record): unload the versions
-        no longer listed, load the new ones beside what is served, then move each default to its
-        recorded version once that is ready (never to one that is not, while another is)."""
+        """Serve exactly the ``wanted`` records (service.repository.Record).
+
+        Make before break: models no longer listed at all leave first; then the new versions load
+        beside what is served; then the versions no longer listed of a model that keeps others
+        leave (so a version swap never leaves the name without a ready version while the new one
+        loads); last, each default moves to its recorded version once that is ready (never to one
+        that is not, while another is)."""
         want = {(r.name, r.entry): r for r in wanted}
-        for key, served in list(self.versions.items()):
-            if key not in want and served.status != "unloading":
-                self.unload(served, why=f"model {served.name!r} version {served.version} was unloaded")
+        names = {name for name, _ in want}
+        self._unload_unlisted(want, lambda name: name not in names)
         for key, record in want.items():
             held = self.versions.get(key)
             if held is not None and not (held.status == "failed" and record.updated > held.requested):
@@ -268,6 +272,16 @@ class ModelRegistry:
             fresh.requested = record.updated
             self._publish(fresh, default=False)
         self._route(want)
+        self._unload_unlisted(want, lambda name: True)
+        self._route(want)
+
+    def _routed(self) -> None:
+        """Called each time :meth:`apply` has re-routed (the model process pushes its table)."""
+
+    def _unload_unlisted(self, want: dict[tuple[str, str], Any], which: Callable[[str], bool]) -> None:
+        for key, served in list(self.versions.items()):
+            if key not in want and served.status != "unloading" and which(served.name):
+                self.unload(served, why=f"model {served.name!r} version {served.version} was unloaded")
 
     def _route(self, want: dict[tuple[str, str], Any]) -> None:
         """Point each name at its recorded default version once that is ready, or at once when the
@@ -282,6 +296,7 @@ class ModelRegistry:
                 models[record.name] = recorded
         self.models = models
         self._count()
+        self._routed()
 
     def unload(self, served: ServedModel, *, why: str, drain_s: float = 5.0) -> None:
         """Take ``served`` out of routing, let requests already on their way reach its batcher

@@ -50,12 +50,12 @@ log = logging.getLogger("erc.model_process")
 
 
 class TableRegistry(ModelRegistry):
-    """A registry that says when the repository changed what it holds."""
+    """A registry that says when the repository changed its routing (after the new versions are
+    routed, before the old ones leave, and again at the end)."""
 
     on_change: Callable[[], None] | None = None
 
-    def apply(self, wanted: list[Any]) -> None:
-        super().apply(wanted)
+    def _routed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 

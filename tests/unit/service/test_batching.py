@@ -99,8 +99,11 @@ def test_batches_fill_under_load() -> None:
     _run(main())
     b.stop()
     assert sum(fn.sizes) == 160
-    # After the first, lone-looking batch the window lets the 16 closed-loop clients fill batches.
-    assert sum(fn.sizes[1:]) / len(fn.sizes[1:]) >= 8, fn.sizes
+    # The window lets the 16 closed-loop clients fill batches: one batch per round of requests,
+    # or two that split a round (those queued while a batch runs, then those it answered, e.g.
+    # 11, 5, 11, 5: seen about once in eight runs). Without batching it would be 160 batches.
+    rounds = 10
+    assert len(fn.sizes) <= 2 * rounds + 2, fn.sizes
 
 
 def test_fewer_clients_than_the_batch_do_not_wait_out_the_window() -> None:

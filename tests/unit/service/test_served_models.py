@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,38 @@ def test_settings_validation() -> None:
     assert Settings(models="x, y,").models == ["x", "y"]
     with pytest.raises(ValueError, match="max_instances"):
         Settings(max_instances=10, max_queue=5)
+
+
+class _Watching(ModelRegistry):
+    """Records, at each load, which version of each name is routed and ready."""
+
+    seen: list[dict[str, str]]
+
+    def load(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.seen.append({n: m.entry for n, m in self.models.items() if m.ready})
+        return super().load(*args, **kwargs)
+
+
+def test_a_version_swap_loads_the_new_one_before_the_old_one_leaves(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """The record swaps ``tiny``'s only version for another in one change (what a replica sees
+    when a load and an unload land within one poll): the name is never without a ready version
+    while the new one loads; a model the record drops entirely leaves at once."""
+    from service.repository import Record
+
+    for entry in ("tiny", "big"):
+        shutil.copytree(model_store / entry, tmp_path / entry)
+    reg = _Watching(Settings(model_store=tmp_path, warmup=False, workers=1))
+    reg.seen = []
+    try:
+        reg.apply([Record("tiny", "tiny", "v1", True, True), Record("other", "big", "v9", True, True)])
+        assert {n: m.entry for n, m in reg.models.items()} == {"tiny": "tiny", "other": "big"}
+        reg.seen.clear()
+        reg.apply([Record("tiny", "big", "v2", True, True)])
+        assert reg.seen == [{"tiny": "tiny"}]  # the old version still served while the new loads
+        assert reg.get("tiny").entry == "big" and set(reg.versions) == {("tiny", "big")}
+        with pytest.raises(ModelNotServed, match="was unloaded"):
+            reg.get("other")
+    finally:
+        reg.stop()
