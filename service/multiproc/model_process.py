@@ -65,7 +65,7 @@ def table_of(registry: ModelRegistry, replica: str | None) -> dict[str, Any]:
     its engine (capabilities, typicality, parts served without)."""
     versions = []
     for (name, entry), m in registry.versions.items():
-        engine = m.engine
+        engine, batcher = m.engine, m.batcher
         versions.append(
             {
                 "name": name,
@@ -80,6 +80,9 @@ def table_of(registry: ModelRegistry, replica: str | None) -> dict[str, Any]:
                 "capabilities": engine.capabilities.to_dict() if engine is not None else None,
                 "typicality": engine is not None and engine.typicality is not None,
                 "missing": m.missing,
+                # Only a full queue is sent (its depth changes every batch; fullness seldom), so
+                # that /readyz in every HTTP process says "queue full" within one look (0.5 s).
+                "queue_full_rows": batcher.queued_rows if batcher is not None and batcher.full else None,
             }
         )
     return {

@@ -227,9 +227,17 @@ class RemoteBatcher:
     def busy(self) -> bool:
         return self._pending > 0 or self._inflight > 0
 
-    # The queue lives in the model process: a full one answers 503 QueueFull from there.
-    full = False
-    queued_rows = 0
+    # The queue lives in the model process: a full one answers 503 QueueFull from there, and its
+    # table says so (queue_full_rows, None while not full), which /readyz reads here.
+    full_rows: int | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.full_rows is not None
+
+    @property
+    def queued_rows(self) -> int:
+        return self.full_rows or 0
 
     def stop(self, timeout: float = 10.0, reason: str = "") -> None:
         """Nothing to stop here: the model process owns the batcher."""
@@ -301,6 +309,8 @@ class RemoteRegistry(ModelRegistry):
             served = self._mirror(row) if fresh or held is None else held
             served.status, served.reason = row["status"], row["reason"]
             served.load_seconds, served.requested = row["load_seconds"], row["requested"]
+            if isinstance(served.batcher, RemoteBatcher):
+                served.batcher.full_rows = row["queue_full_rows"]
             versions[key] = served
             if row["default"]:
                 models[row["name"]] = served

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ import pytest
 from service.errors import ModelNotServed, QueueFull
 from service.inference import Outputs
 from service.multiproc import protocol
+from service.served_models import ModelRegistry
+from service.settings import Settings
 
 
 def _body(data: bytes) -> bytes:
@@ -106,3 +110,34 @@ def test_frames_are_read_whole_however_the_bytes_arrive() -> None:
 
     frames = asyncio.run(go())
     assert [protocol.parse_id(f) for f in frames] == [(1, {"a": 1}), (2, None), (3, None)]
+
+
+def test_a_full_queue_in_the_model_process_makes_every_http_process_unready(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """The model process's table carries a full queue; an HTTP process's /readyz then says
+    "queue full" as one process does, and ready again once it drains."""
+    from service.multiproc.model_process import table_of
+    from service.multiproc.remote import RemoteRegistry
+
+    reg = ModelRegistry(Settings(model_store=model_store, models="tiny", warmup=False, workers=1))
+    reg.load_all()
+    try:
+        remote = RemoteRegistry(
+            Settings(model_store=model_store, models="tiny", model_process_socket=tmp_path / "s")
+        )
+        remote.client.connected = True
+        remote._apply_table(json.loads(json.dumps(table_of(reg, None))))
+        assert remote.readiness()[0]
+        batcher = reg.models["tiny"].batcher
+        assert batcher is not None
+        batcher.max_queue = 1
+        batcher._rows_queued = 3  # what three requests waiting behind a busy forward leave
+        remote._apply_table(json.loads(json.dumps(table_of(reg, None))))
+        ok, detail = remote.readiness()
+        assert not ok and detail["tiny"]["reason"] == "queue full (3 rows)"
+        batcher._rows_queued = 0
+        remote._apply_table(json.loads(json.dumps(table_of(reg, None))))
+        assert remote.readiness()[0]
+    finally:
+        reg.stop()
