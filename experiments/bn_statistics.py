@@ -12,6 +12,13 @@ per-epoch evaluation) on the first ``--n`` test images after each:
 
     python -m experiments.bn_statistics --model model_store/mnist-er --n 500 --images 2048
 
+With ``--write RUN_DIR`` (one feed), the recomputed model is written as a training checkpoint
+that ``erc export RUN_DIR`` turns into a store entry (the card's training config is the stored
+model's; its notes should say how the statistics were made):
+
+    python -m experiments.bn_statistics --feeds ce --n 0 --images 4096 --write runs/mnist-er-bn-ce
+    erc export runs/mnist-er-bn-ce --name mnist-er-bn-ce --store runs/store --dtype float16
+
 Measured 2026-12-06 on the 2-core VM (mnist-er, 500 test images, 2,048 training images):
 shipped 90.60 %, trades 85.60 %, ce 91.40 % (docs/reproduction.md, "CPU fine-tune").
 """
@@ -22,13 +29,17 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from training.attacks import build_attack, pgd
+from training.checkpoint import CHECKPOINT, save_checkpoint
 from training.data.datasets import load_split
 from training.evaluate import robust_flags, to_unit
 from training.formats import load_served
+from training.formats.er import ERNet
 from training.methods.base import recalibrate_batchnorm
 from training.methods.er import trades_adversarial
 
@@ -42,11 +53,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2048, help="training images the statistics are computed on")
     ap.add_argument("--feeds", default="trades,ce,clean")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--write", metavar="RUN_DIR", help="write the recomputed model (one feed) as a checkpoint"
+    )
     args = ap.parse_args()
+    if args.write and "," in args.feeds:
+        ap.error("--write takes one feed")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    net, _ = load_served(args.model, cpu)
+    net, card = load_served(args.model, cpu)
     net.eval()
     test, train = load_split("mnist", "test"), load_split("mnist", "train")
     x_test, y_test = to_unit(test.images[: args.n], cpu), test.labels[: args.n]
@@ -58,6 +74,8 @@ def main() -> None:
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
     def robust(tag: str) -> None:
+        if args.n == 0:
+            return
         t0 = time.time()
         with bf16():
             flags = robust_flags(net, x_test, y_test, EPS, pgd20)
@@ -81,9 +99,36 @@ def main() -> None:
     robust("shipped statistics")
     for feed in args.feeds.split(","):
         net.load_state_dict(stored)
-        recalibrate_batchnorm(net, batches(feed))
+        seen = recalibrate_batchnorm(net, batches(feed))
         net.eval()
         robust(f"statistics recomputed over {feed}")
+        if args.write:
+            write_run(Path(args.write), net, card, feed, seen)
+
+
+def write_run(run_dir: Path, net: torch.nn.Module, card: Any, feed: str, seen: int) -> None:
+    """``net`` as a training checkpoint of ``card``'s run, for ``erc export``."""
+    assert isinstance(net, ERNet), "--write takes a model this project trained (an ER store entry)"
+    network = net.net
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": card.training.get("epochs", 0),
+        "config": card.train_config,
+        "method": card.method,
+        "arch": card.arch,
+        "arch_kwargs": card.arch_kwargs,
+        "dataset": card.dataset,
+        "label_names": card.label_names,
+        "input_shape": card.input_shape,
+        "data": {
+            "batchnorm_statistics": f"recomputed over {feed} ({seen} training images), weights of "
+            f"{card.name} sha256 {card.weights_sha256[:12]}"
+        },
+        "state": {"modules": {"model": {k: v.detach().clone() for k, v in network.state_dict().items()}}},
+        "versions": {"torch": str(torch.__version__)},
+    }
+    save_checkpoint(run_dir / CHECKPOINT, state)
+    sys.stdout.write(f"wrote {run_dir / CHECKPOINT}\n")
 
 
 if __name__ == "__main__":
