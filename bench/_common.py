@@ -101,16 +101,30 @@ def _tree(pid: int | list[int]) -> list[int]:
     return [p for root in roots for p in (root, *children(root))]
 
 
-def rss_bytes(pid: int | list[int]) -> int:
+def _proc_bytes(pid: int | list[int], file: str, field: str, *, tree: bool = True) -> int:
     total = 0
-    for p in _tree(pid):
+    for p in _tree(pid) if tree else ([pid] if isinstance(pid, int) else pid):
         try:
-            with open(f"/proc/{p}/status") as fh:
-                m = re.search(r"VmRSS:\s+(\d+) kB", fh.read())
+            with open(f"/proc/{p}/{file}") as fh:
+                m = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
                 total += int(m.group(1)) * 1024 if m else 0
         except FileNotFoundError:
             pass
     return total
+
+
+def rss_bytes(pid: int | list[int], *, tree: bool = True) -> int:
+    """Resident memory of a process tree (or of the processes alone), each process counted whole:
+    pages that several of its processes share (torch's libraries, mapped by each) are counted once
+    per process."""
+    return _proc_bytes(pid, "status", "VmRSS", tree=tree)
+
+
+def pss_bytes(pid: int | list[int], *, tree: bool = True) -> int:
+    """Proportional set size of a process tree (or of the processes alone): each shared page split
+    among the processes that map it, so the sum is the memory the tree really holds (what a host
+    sizing needs)."""
+    return _proc_bytes(pid, "smaps_rollup", "Pss", tree=tree)
 
 
 def children(pid: int) -> list[int]:

@@ -3,7 +3,7 @@
 
 1. in-process forward throughput at the service's max batch (the limit) and batch-1 latency;
 2. the HTTP service (``erc serve``) at 1 and at N concurrent clients (wrk, loopback), cold start,
-   resident memory at rest and its peak under load;
+   resident memory (RSS, and PSS: shared pages split among processes) at rest and its peak under load;
 3. ``erc serve`` with ``ERC_HTTP_PROCESSES=N`` (``--http-processes``: one model process batching for
    N HTTP processes, service/multiproc), for each N asked;
 4. TorchServe serving the same weights through the project's handler, in the best of its
@@ -51,6 +51,7 @@ from _common import (
     machine,
     mnist_pngs,
     process_roles,
+    pss_bytes,
     rss_bytes,
     run_wrk,
     start_erc,
@@ -149,6 +150,7 @@ def main() -> int:
     ours: dict = {
         "cold_start_s": round(srv.started_s, 2),
         "rss_ready_mb": round(rss_bytes(srv.proc.pid) / 2**20, 1),
+        "pss_ready_mb": round(pss_bytes(srv.proc.pid) / 2**20, 1),
     }
     ours["label_mismatches"] = check_labels(srv.url, f"/v1/models/{name}:predict", pngs, expected)
     servers["erc"] = {
@@ -172,6 +174,7 @@ def main() -> int:
             "cold_start_s": round(mp.started_s, 2),
             "config": {"http_processes": n_http, "model_torch_threads": int(layout_env["ERC_TORCH_THREADS"])},
             "rss_ready_mb": round(rss_bytes(mp.proc.pid) / 2**20, 1),
+            "pss_ready_mb": round(pss_bytes(mp.proc.pid) / 2**20, 1),
         }
         info["label_mismatches"] = check_labels(mp.url, f"/v1/models/{name}:predict", pngs, expected)
         servers[f"erc_http{n_http}"] = {
@@ -234,6 +237,7 @@ def main() -> int:
                 ts.inference_url, f"/predictions/{name}", pngs, expected, auth
             )
             info["rss_ready_mb"] = round(rss_bytes(ts.proc.pid) / 2**20, 1)
+            info["pss_ready_mb"] = round(pss_bytes(ts.proc.pid) / 2**20, 1)
             run_wrk(ts.inference_url, f"/predictions/{name}", pngs, args.clients, args.warmup, auth)
             return ts, info, auth
 
@@ -299,6 +303,7 @@ def main() -> int:
                 )
         for s in servers.values():
             s["info"]["rss_after_mb"] = round(rss_bytes(s["pid"]) / 2**20, 1)
+            s["info"]["pss_after_mb"] = round(pss_bytes(s["pid"]) / 2**20, 1)
     finally:
         for s in servers.values():
             s["stop"]()

@@ -187,6 +187,8 @@ class Settings(BaseSettings):
     @classmethod
     def _device_exists(cls, value: str) -> str:
         # The audit device is resolved where audits run (an audit worker may have the GPU the API lacks).
+        if value in ("auto", "cpu"):  # always valid; asking torch would import it into processes
+            return value  # that need none (erc serve's supervisor)
         from training.devices import DeviceUnavailable, resolve_device
 
         try:

@@ -36,7 +36,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.cli._common import settings_from_flags
-    from service.server import serve
 
     settings = settings_from_flags(args, FLAGS)
     if not settings.model_store.is_dir():
@@ -45,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.http_processes > 1:
         from service.multiproc.supervisor import supervise
 
-        return supervise(settings)
+        return supervise(settings)  # imports no torch: the supervisor holds only its children
+    from service.server import serve
+
     serve(settings)
     return 0

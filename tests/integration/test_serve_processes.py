@@ -67,6 +67,17 @@ def multi(model_store: Path, tmp_path_factory: pytest.TempPathFactory, start_ser
     assert srv.stop(), srv.log.read_text()[-3000:]
 
 
+def test_the_supervisor_loads_no_torch(multi) -> None:
+    """The supervisor only starts and watches its children: torch's libraries (about 200 MB
+    resident) are mapped by the model and HTTP processes, not by it (bench/memory.py)."""
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert not maps_torch(multi.proc.pid)
+    assert all(maps_torch(p.pid) for p in _layout(multi)["model"])  # what the check would see
+
+
 def _png_body(pngs: list[bytes]) -> dict:
     return {"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs]}
 
