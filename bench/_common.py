@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,16 +138,22 @@ def children(pid: int) -> list[int]:
 
 
 class RssSampler:
-    """Peak RSS of a process tree, sampled every ``interval`` seconds in a thread."""
+    """Peak RSS (or, with ``reader=pss_bytes``, PSS) of a process tree, sampled every ``interval``
+    seconds in a thread."""
 
-    def __init__(self, pid: int | list[int], interval: float = 0.5) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
+    def __init__(
+        self,
+        pid: int | list[int],
+        interval: float = 0.5,
+        reader: Callable[[int | list[int]], int] = rss_bytes,
+    ) -> None:
+        self.pid, self.interval, self.peak, self.reader = pid, interval, 0, reader
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
+            self.peak = max(self.peak, self.reader(self.pid))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
