@@ -278,6 +278,10 @@ class ModelRegistry:
     def _routed(self) -> None:
         """Called each time :meth:`apply` has re-routed (the model process pushes its table)."""
 
+    def _draining(self, served: ServedModel, timeout_s: float) -> None:
+        """Called by :meth:`unload` once ``served`` left routing, before its batcher drains: the
+        model process waits here until no HTTP process holds a request for it."""
+
     def _unload_unlisted(self, want: dict[tuple[str, str], Any], which: Callable[[str], bool]) -> None:
         for key, served in list(self.versions.items()):
             if key not in want and served.status != "unloading" and which(served.name):
@@ -316,6 +320,7 @@ class ModelRegistry:
             self.models = models
         if served.batcher is not None:
             deadline = time.monotonic() + drain_s
+            self._draining(served, drain_s)
             while served.batcher.busy and time.monotonic() < deadline:
                 time.sleep(0.01)
             served.batcher.stop(reason=why)

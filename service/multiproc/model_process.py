@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from service.multiproc.protocol import (
     result_frame,
 )
 from service.repository import ModelRecords, Reconciler
-from service.served_models import ModelRegistry
+from service.served_models import ModelRegistry, ServedModel
 from service.settings import Settings
 
 log = logging.getLogger("erc.model_process")
@@ -54,10 +55,15 @@ class TableRegistry(ModelRegistry):
     routed, before the old ones leave, and again at the end)."""
 
     on_change: Callable[[], None] | None = None
+    on_draining: Callable[[tuple[str, str], float], None] | None = None
 
     def _routed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _draining(self, served: ServedModel, timeout_s: float) -> None:
+        if self.on_draining is not None:
+            self.on_draining((served.name, served.entry), timeout_s)
 
 
 def table_of(registry: ModelRegistry, replica: str | None) -> dict[str, Any]:
@@ -102,6 +108,9 @@ class ModelServer:
         self.conns: set[_Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.table = b""
+        # version being unloaded -> the HTTP processes that may still hold requests for it, and
+        # the event the unloading thread waits on (see drain)
+        self.drains: dict[tuple[str, str], tuple[set[_Connection], threading.Event]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def run(self, path: Path) -> None:
@@ -116,6 +125,7 @@ class ModelServer:
                 self.registry, ModelRecords(self.settings.audit_store()), self.settings.repository_poll_s
             )
             self.registry.on_change = lambda: self._from_thread(loop)
+            self.registry.on_draining = self.drain
             self.reconciler.start()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -142,16 +152,45 @@ class ModelServer:
         """:meth:`push_table`, asked by the reconciler's thread."""
         loop.call_soon_threadsafe(self.push_table)
 
-    def push_table(self) -> bool:
-        """Send the table to every HTTP process when it changed (True when sent)."""
+    def push_table(self, *, force: bool = False) -> bool:
+        """Send the table to every HTTP process when it changed, or ``force`` (True when sent)."""
         replica = self.reconciler.replica if self.reconciler is not None else None
         data = json.dumps(table_of(self.registry, replica), sort_keys=True).encode()
-        if data == self.table:
+        if data == self.table and not force:
             return False
         self.table = data
         for conn in list(self.conns):
             conn.send(frame(b"T", data))
         return True
+
+    def drain(self, key: tuple[str, str], timeout_s: float) -> None:
+        """From the thread unloading version ``key`` (out of routing, status "unloading"): send
+        the table, then wait until every HTTP process says (``D``) that no request of its own
+        holds that version any more, or ``timeout_s``. A request an HTTP process routed just before
+        the table reached it still gets its answer from this version's batcher."""
+        assert self.loop is not None
+        done = threading.Event()
+
+        def start() -> None:
+            self.drains[key] = (set(self.conns), done)
+            self.push_table(force=True)  # each HTTP process answers D for a table showing it unloading
+            if not self.conns:
+                done.set()
+
+        self.loop.call_soon_threadsafe(start)
+        if not done.wait(timeout_s):
+            log.warning("model process: %s %s still held by an HTTP process after %g s", *key, timeout_s)
+        self.loop.call_soon_threadsafe(self.drains.pop, key, None)
+
+    def drained(self, conn: _Connection, key: tuple[str, str]) -> None:
+        """``conn`` holds no request for ``key`` (or went away)."""
+        waiting = self.drains.get(key)
+        if waiting is None:
+            return
+        conns, done = waiting
+        conns.discard(conn)
+        if not conns:
+            done.set()
 
     async def _watch_table(self) -> None:
         """States also change without a repository call (a batcher stopping): look twice a second."""
@@ -210,6 +249,9 @@ class _Connection(FrameProtocol):
             fut = self.futures.pop(rid, None)
             if fut is not None:
                 fut.cancel()  # the batcher drops it before its forward
+        elif kind == b"D":
+            _, held = parse_id(body)
+            self.server.drained(self, (held["name"], held["entry"]))
         elif kind == b"X":
             control = asyncio.ensure_future(self._control(body))
             self.controls.add(control)
@@ -248,6 +290,8 @@ class _Connection(FrameProtocol):
             fut.cancel()
         self.futures.clear()
         self.server.conns.discard(self)
+        for key in list(self.server.drains):
+            self.server.drained(self, key)
 
 
 def main() -> None:

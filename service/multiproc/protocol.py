@@ -15,6 +15,9 @@ Every frame is a 4-byte big-endian length, then a body whose first byte names it
   model repository's ``reconcile`` and ``poke``).
 - ``T`` table (model -> HTTP): JSON, the versions the model process holds, sent on connect and
   after every change (the HTTP processes route by it).
+- ``D`` drained (HTTP -> model): JSON ``{"name", "entry"}``, answering a table that shows that
+  version unloading: no request of this HTTP process holds it any more, so the model process may
+  stop its batcher.
 """
 
 from __future__ import annotations

@@ -187,6 +187,11 @@ class ModelProcessClient:
         answer: dict[str, Any] = await self._ask(lambda rid: data(rid=rid), "the model process", timeout_s)
         return answer
 
+    def drained(self, name: str, entry: str) -> None:
+        """Tell the model process that no request of this process holds ``(name, entry)``."""
+        if self._proto is not None:
+            self._proto.send(id_frame(b"D", 0, {"name": name, "entry": entry}))
+
     def control_threadsafe(self, op: str, timeout_s: float = 120.0) -> dict[str, Any]:
         """:meth:`control` from another thread (the repository routes run in the threadpool)."""
         assert self.loop is not None
@@ -276,6 +281,7 @@ class RemoteRegistry(ModelRegistry):
         self.default_name = None
         self._started = []
         self.client = ModelProcessClient(settings.model_process_socket, self._apply_table)
+        self._drains: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def start(self) -> None:
         self.client.start()
@@ -311,12 +317,25 @@ class RemoteRegistry(ModelRegistry):
             served.load_seconds, served.requested = row["load_seconds"], row["requested"]
             if isinstance(served.batcher, RemoteBatcher):
                 served.batcher.full_rows = row["queue_full_rows"]
+                if row["status"] == "unloading" and key not in self._drains:
+                    self._drains[key] = asyncio.ensure_future(self._drain(key, served.batcher))
             versions[key] = served
             if row["default"]:
                 models[row["name"]] = served
         self.versions, self.models = versions, models
         self.unloaded = dict(table["unloaded"])
         self.default_name = table["default_name"]
+
+    async def _drain(self, key: tuple[str, str], batcher: RemoteBatcher, timeout_s: float = 5.0) -> None:
+        """A version being unloaded: once no request here holds it (being read, decoded or sent:
+        those still get their answer), say so to the model process, which then stops it."""
+        try:
+            deadline = time.monotonic() + timeout_s
+            while batcher.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            self.client.drained(*key)
+        finally:
+            self._drains.pop(key, None)
 
     def _mirror(self, row: dict[str, Any]) -> ServedModel:
         served = ServedModel(row["name"], Path(row["path"]), status=row["status"], reason=row["reason"])

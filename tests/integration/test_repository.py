@@ -11,6 +11,7 @@ audit-worker`` on one SQLite store, on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import secrets
 import shutil
 import threading
@@ -165,6 +166,13 @@ def test_a_new_version_beside_the_old_then_the_default_then_retire(
     httpx.post(f"{a.url}/v2/repository/models/tiny/load", headers=AUTH, timeout=120).raise_for_status()
     _unload(a, "tiny", new).raise_for_status()
     _until(lambda: all(_predict(s, "tiny", png).json()["model_version"] == old for s in (a, b)))
+
+
+def test_a_request_still_being_read_is_answered_by_the_version_being_unloaded(
+    deployment: Deployment, mnist_sample, unload_during_a_slow_request
+) -> None:
+    body = {"instances": [{"b64": base64.b64encode(mnist_sample.pngs[0]).decode()}]}
+    unload_during_a_slow_request(deployment.a.url, TOKEN, body)
 
 
 def test_a_model_that_fails_to_load_leaves_the_others_serving(deployment: Deployment, mnist_sample) -> None:

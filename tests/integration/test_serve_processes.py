@@ -233,6 +233,68 @@ def test_repository_loads_and_unloads_through_the_http_processes(multi, model_st
             assert httpx.post(multi.url + "/v1/models/tiny-canary:predict", json=body).status_code == 404
 
 
+def test_a_version_swap_under_load_loses_no_request(multi, mnist_sample) -> None:
+    """Four clients predict with ``tiny-swap`` through both HTTP processes while its version is
+    swapped back and forth (the new one loaded as the default, the old one unloaded): every answer
+    is 200, from one version or the other. The old version stops only once no HTTP process holds
+    a request for it (the ``D`` frames)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = _png_body(mnist_sample.pngs[:1])
+    url = multi.url + "/v1/models/tiny-swap:predict"
+
+    def load(entry: str) -> str:
+        params = {"parameters": {"entry": entry, "default": True}}
+        r = httpx.post(
+            multi.url + "/v2/repository/models/tiny-swap/load", headers=auth, json=params, timeout=120
+        )
+        assert r.status_code == 200 and r.json()["state"] == "READY", r.text
+        return str(r.json()["version"])
+
+    version = load("tiny")
+    stop = threading.Event()
+    seen: Counter[str] = Counter()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(url, json=body)
+                seen[
+                    str(r.json()["model_version"]) if r.status_code == 200 else f"{r.status_code} {r.text}"
+                ] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for entry in ("big", "tiny", "big", "tiny"):
+            time.sleep(0.3)
+            old, version = version, load(entry)
+            r = httpx.post(
+                multi.url + "/v2/repository/models/tiny-swap/unload",
+                headers=auth,
+                json={"parameters": {"version": old}},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        httpx.post(multi.url + "/v2/repository/models/tiny-swap/unload", headers=auth, timeout=60)
+    failed = {k: v for k, v in seen.items() if not k.isalnum()}
+    assert not failed and len(seen) == 2, seen
+
+
+def test_a_request_still_being_read_is_answered_by_the_version_being_unloaded(
+    multi, mnist_sample, unload_during_a_slow_request
+) -> None:
+    """The model process waits for a request an HTTP process routed to a version being unloaded
+    (the HTTP process says when it holds none: ``D`` frames), so it gets its answer from that
+    version instead of a 503."""
+    unload_during_a_slow_request(multi.url, TOKEN, _png_body(mnist_sample.pngs[:1]))
+
+
 def test_sigterm_drains_every_process(model_store, tmp_path, mnist_sample, start_server_fn) -> None:
     """With a steady load on both HTTP processes, SIGTERM: readiness fails at once, requests keep
     being served for the drain period, no accepted request fails, and every process stops cleanly."""
