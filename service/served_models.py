@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,13 +257,13 @@ class ModelRegistry:
         """Serve exactly the ``wanted`` records (service.repository.Record).
 
         Make before break: models no longer listed at all leave first; then the new versions load
-        beside what is served; then the versions no longer listed of a model that keeps others
-        leave (so a version swap never leaves the name without a ready version while the new one
-        loads); last, each default moves to its recorded version once that is ready (never to one
-        that is not, while another is)."""
+        beside what is served and each default moves to its recorded version once that is ready
+        (never to one that is not, while another is); only then do the versions no longer listed
+        of a model that keeps others leave, so a version swap never leaves the name without a
+        ready version while the new one loads (a last re-route covers a default that failed to
+        load once the version it replaced is gone)."""
         want = {(r.name, r.entry): r for r in wanted}
-        names = {name for name, _ in want}
-        self._unload_unlisted(want, lambda name: name not in names)
+        self._unload_unlisted(want, keep={name for name, _ in want})
         for key, record in want.items():
             held = self.versions.get(key)
             if held is not None and not (held.status == "failed" and record.updated > held.requested):
@@ -272,7 +272,7 @@ class ModelRegistry:
             fresh.requested = record.updated
             self._publish(fresh, default=False)
         self._route(want)
-        self._unload_unlisted(want, lambda name: True)
+        self._unload_unlisted(want)
         self._route(want)
 
     def _routed(self) -> None:
@@ -282,9 +282,10 @@ class ModelRegistry:
         """Called by :meth:`unload` once ``served`` left routing, before its batcher drains: the
         model process waits here until no HTTP process holds a request for it."""
 
-    def _unload_unlisted(self, want: dict[tuple[str, str], Any], which: Callable[[str], bool]) -> None:
+    def _unload_unlisted(self, want: dict[tuple[str, str], Any], keep: Collection[str] = ()) -> None:
+        """Unload every version ``want`` does not list, except those of the names in ``keep``."""
         for key, served in list(self.versions.items()):
-            if key not in want and served.status != "unloading" and which(served.name):
+            if key not in want and served.status != "unloading" and served.name not in keep:
                 self.unload(served, why=f"model {served.name!r} version {served.version} was unloaded")
 
     def _route(self, want: dict[tuple[str, str], Any]) -> None:
