@@ -1,6 +1,7 @@
 """Adaptive micro-batching: a queue in front, one inference thread behind (after LitServe).
 
-HTTP handlers ``await batcher.submit(x)`` with a tensor of one request's rows; the worker thread
+HTTP handlers ``await batcher.submit(x)`` with a tensor of one request's rows (uint8 pixels or
+float32 in [0, 1]; a batch of both is scaled to floats before it is joined); the worker thread
 gathers queued requests into batches of at most ``max_batch`` rows, runs the model once, and
 answers each request with its own rows. Inference never runs on the event loop.
 
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from service.errors import ModelNotReady, QueueFull, ServiceUnavailable
+from service.imaging import unit_range
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +258,10 @@ class Batcher:
     def _execute(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
         try:
-            x = batch[0].x if len(batch) == 1 else torch.cat([it.x for it in batch])
+            xs = [it.x for it in batch]
+            if any(t.dtype != xs[0].dtype for t in xs):  # uint8 pixels beside v2 FP32 rows
+                xs = [unit_range(t) for t in xs]
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
             out = self.fn(x)
         except Exception as exc:
             if len(batch) > 1:

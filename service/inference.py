@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from service.errors import CapabilityMissing
-from service.imaging import InputSpec
+from service.imaging import InputSpec, unit_range
 from training.card import ModelCard
 from training.formats import Capabilities, ServedNet, load_served
 from training.typicality import Typicality
@@ -133,7 +133,9 @@ class InferenceEngine:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> Outputs:
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        """``x``: ``[n, C, H, W]``, uint8 pixels or float32 in [0, 1]."""
+        # uint8 pixels cross to the device as bytes and are scaled there.
+        x = unit_range(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         # ER models: the encoder's embedding and the head of it (RSE: the ensemble's logits).
         logits, z = self.model.forward_with_embedding(x)
         if z is None:

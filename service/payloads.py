@@ -9,6 +9,7 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.errors import InvalidImage, InvalidInput, LimitExceeded, ServiceError
@@ -78,7 +79,8 @@ def parse_instances(doc: Any, limit: int) -> ImagePayload:
 
 
 def decode_all(payload: ImagePayload, spec: InputSpec, max_pixels: int) -> tuple[torch.Tensor, list[Decoded]]:
-    """All images of one request as ``[n, C, H, W]``; errors name the offending image."""
+    """All images of one request as uint8 pixels ``[n, C, H, W]`` (the engine scales them to [0, 1]:
+    :func:`service.imaging.unit_range`); errors name the offending image."""
     decoded = []
     for data, name in zip(payload.images, payload.where, strict=True):
         try:
@@ -88,8 +90,10 @@ def decode_all(payload: ImagePayload, spec: InputSpec, max_pixels: int) -> tuple
             raise
     if not decoded:
         raise InvalidImage("no images in the request")
-    x = decoded[0].tensor[None] if len(decoded) == 1 else torch.stack([d.tensor for d in decoded])
-    return x, decoded
+    # One torch call per request, none per image: torch ops on the event loop hand the GIL back and
+    # forth with the inference thread (docs/benchmarks.md, "uint8 pixels").
+    pixels = decoded[0].pixels[None] if len(decoded) == 1 else np.stack([d.pixels for d in decoded])
+    return torch.from_numpy(pixels), decoded
 
 
 def predict_body(

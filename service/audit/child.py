@@ -27,6 +27,7 @@ from service.audit.engine import AuditSpec
 from service.audit.report import render
 from service.audit.runner import run_audit
 from service.child import ChildSetup, Failed, load_served, setup
+from service.imaging import unit_range
 from training.card import ModelCard
 from training.data import load_split
 from training.devices import resolve_device
@@ -56,7 +57,8 @@ def load_data(job: dict[str, Any], card: ModelCard) -> tuple[torch.Tensor, torch
     data = job["data"]
     if data["source"] == "upload":
         arrays = np.load(io.BytesIO(job["upload"]))
-        x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]).long()
+        # uint8 pixels as decoded (stores written before 2026-12-07 hold floats in [0, 1])
+        x, y = unit_range(torch.from_numpy(arrays["x"])), torch.from_numpy(arrays["y"]).long()
         return x, y, {"source": "upload", "n": len(y)}
     name = data.get("dataset") or card.dataset
     split = load_split(

@@ -2,8 +2,9 @@
 
 Every frame is a 4-byte big-endian length, then a body whose first byte names its kind:
 
-- ``I`` infer (HTTP -> model): request id, model name, store entry, shape, then the float32 rows as
-  raw bytes (C order). No pickling: the model process reads them with ``numpy.frombuffer``.
+- ``I`` infer (HTTP -> model): request id, model name, store entry, shape, the rows' dtype (``B``:
+  uint8 pixels of decoded images, ``f``: float32 in [0, 1] from v2 ``FP32`` tensors), then the rows
+  as raw bytes (C order). No pickling: the model process reads them with ``numpy.frombuffer``.
 - ``C`` cancel (HTTP -> model): the client of request id went away; dropped before its forward.
 - ``R`` result (model -> HTTP): request id, rows n, classes m, embedding width k, a flag for the
   typicality scores, then logits, probabilities, embedding (float32), labels (int64) and, when
@@ -36,7 +37,8 @@ from service.inference import Outputs
 _LEN = struct.Struct("!I")
 _ID = struct.Struct("!cQ")
 ID_SIZE = _ID.size
-_INFER = struct.Struct("!cQHHB")  # kind, id, len(name), len(entry), ndim
+_INFER = struct.Struct("!cQHHBc")  # kind, id, len(name), len(entry), ndim, dtype
+_DTYPES = {b"B": np.uint8, b"f": np.float32}
 _RESULT = struct.Struct("!cQIIIB")  # kind, id, n, m, k, typicality flag
 MAX_FRAME = 1 << 30
 log = logging.getLogger(__name__)
@@ -111,14 +113,15 @@ def frame(*parts: bytes) -> bytes:
 
 # -- infer / cancel ----------------------------------------------------------------------------------
 def infer_frame(rid: int, name: str, entry: str, x: np.ndarray) -> bytes:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    code = b"B" if x.dtype == np.uint8 else b"f"
+    x = np.ascontiguousarray(x, dtype=_DTYPES[code])
     n, e = name.encode(), entry.encode()
     dims = struct.pack(f"!{x.ndim}I", *x.shape)
-    return frame(_INFER.pack(b"I", rid, len(n), len(e), x.ndim), n, e, dims, x.tobytes())
+    return frame(_INFER.pack(b"I", rid, len(n), len(e), x.ndim, code), n, e, dims, x.tobytes())
 
 
 def parse_infer(body: bytes) -> tuple[int, str, str, np.ndarray]:
-    _, rid, ln, le, ndim = _INFER.unpack_from(body)
+    _, rid, ln, le, ndim, code = _INFER.unpack_from(body)
     at = _INFER.size
     name = body[at : at + ln].decode()
     at += ln
@@ -126,7 +129,7 @@ def parse_infer(body: bytes) -> tuple[int, str, str, np.ndarray]:
     at += le
     shape = struct.unpack_from(f"!{ndim}I", body, at)
     at += 4 * ndim
-    x = np.frombuffer(body, dtype=np.float32, offset=at).reshape(shape)
+    x = np.frombuffer(body, dtype=_DTYPES[code], offset=at).reshape(shape)
     return rid, name, entry, x
 
 

@@ -208,7 +208,8 @@ async def create_audit(req: AuditRequest, request: Request) -> Response:
             names,
         )
         x, _ = decode_all(payload, served.engine.spec, settings.max_image_pixels)
-        # The decoded images travel with the audit in the store: a worker on another host runs it.
+        # The decoded images (uint8 pixels) travel with the audit in the store: a worker on another
+        # host runs it.
         buf = io.BytesIO()
         np.savez_compressed(buf, x=x.numpy(), y=np.asarray(req.data.labels, dtype=np.int64))
         upload = buf.getvalue()

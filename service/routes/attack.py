@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
 from service.attack_check.body import attack_body, encode_png
-from service.attack_check.check import LEVELS, Limits, parse_params
+from service.attack_check.check import Limits, parse_params
 from service.attack_check.pool import AttackPool
 from service.errors import CapabilityMissing, Forbidden, LimitExceeded
 from service.http import json_response
@@ -99,8 +98,7 @@ async def attack(name: str, request: Request) -> Response:
             model.engine.require_embedding("return_embedding")
         x, decoded = await decode_batch(payload, spec, settings)
     clean = await model.batcher.submit(x)
-    # Decoded images are exact multiples of 1/255: back to the bytes they came from.
-    clean_u8 = torch.round(x * LEVELS).to(torch.uint8).numpy()
+    clean_u8 = x.numpy()  # the decoded pixels, as the attack process takes them
     job = {
         "model_dir": str(model.path),
         "weights_sha256": card.weights_sha256,

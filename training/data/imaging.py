@@ -106,13 +106,22 @@ class Pixels:
 
 @dataclass
 class Decoded:
-    """One decoded image as the network's input (what the service batches)."""
+    """One decoded image of a request: its uint8 pixels and what the file was.
 
-    tensor: torch.Tensor  # [C, H, W] float32 in [0, 1]
+    The service batches the pixels as uint8 and scales them to [0, 1] in the inference thread
+    (:func:`service.imaging.unit_range`): the event loop that decodes them runs no torch op.
+    """
+
+    pixels: npt.NDArray[np.uint8]  # [C, H, W], values 0..255, C-contiguous
     original_size: tuple[int, int]  # (width, height) as sent, after EXIF rotation
     format: str
     mode: str
     resized: bool
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """``[C, H, W]`` float32 in [0, 1]: ``pixel / 255``, the network's input."""
+        return torch.from_numpy(self.pixels).float().div_(255.0)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -273,7 +282,7 @@ def decode_pixels(data: bytes, spec: InputSpec, *, max_pixels: int) -> Pixels:
 
 
 def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int) -> Decoded:
-    """One image file -> ``[C, H, W]`` float tensor in [0, 1]: :func:`decode_pixels` / 255."""
+    """One image file -> :class:`Decoded` (its pixels, and ``.tensor`` in [0, 1]): :func:`decode_pixels`
+    with what the service reports about the file."""
     px = decode_pixels(data, spec, max_pixels=max_pixels)
-    tensor = torch.from_numpy(px.array).float().div_(255.0)
-    return Decoded(tensor, px.original_size, px.format, px.mode, px.resized)
+    return Decoded(px.array, px.original_size, px.format, px.mode, px.resized)

@@ -65,6 +65,30 @@ def test_each_request_gets_its_own_rows_in_order() -> None:
     assert len(fn.sizes) < 20, "concurrent requests were batched"
 
 
+def test_pixels_and_float_rows_in_one_batch_are_both_scaled_to_the_unit_range() -> None:
+    """Decoded images arrive as uint8 pixels, KServe v2 FP32 tensors as floats in [0, 1]: joined
+    as they are, the pixels would be promoted to 0..255 floats. A batch of both gets pixel / 255."""
+    seen: list[torch.Tensor] = []
+
+    def fn(x: torch.Tensor) -> Rows:
+        seen.append(x)
+        return Rows(x)
+
+    b = Batcher("t", fn, max_batch=8, wait_s=0.2, gap_s=0.2)
+    b.start()
+    pixels = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
+    floats = torch.tensor([[0.5, 0.25, 1.0]])
+
+    async def main():
+        return await asyncio.gather(b.submit(pixels), b.submit(floats))
+
+    out_pixels, out_floats = _run(main())
+    b.stop()
+    assert len(seen) == 1 and seen[0].dtype == torch.float32, "both requests ran in one float batch"
+    assert torch.equal(out_pixels.values, torch.tensor([[0.0, 0.2, 1.0]]))
+    assert torch.equal(out_floats.values, floats)
+
+
 def test_a_lone_request_is_not_delayed() -> None:
     fn = Recorder()
     b = Batcher("t", fn, max_batch=32, wait_s=0.5)  # a long window that a lone request must not pay

@@ -23,12 +23,19 @@ def _body(data: bytes) -> bytes:
     return data[4:]
 
 
-def test_an_infer_frame_carries_the_rows_exactly() -> None:
-    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    rid, name, entry, back = protocol.parse_infer(_body(protocol.infer_frame(7, "mnist-ér", "entry-1", x)))
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_an_infer_frame_carries_the_rows_exactly(dtype: type) -> None:
+    """Decoded images travel as their uint8 pixels (a quarter of the bytes), v2 FP32 rows as floats."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 1, 28, 28)).astype(dtype)
+    if dtype == np.float32:
+        x /= 255
+    frame = protocol.infer_frame(7, "mnist-ér", "entry-1", x)
+    rid, name, entry, back = protocol.parse_infer(_body(frame))
     assert (rid, name, entry) == (7, "mnist-ér", "entry-1")
-    assert back.shape == x.shape and back.dtype == np.float32
+    assert back.shape == x.shape and back.dtype == dtype
     np.testing.assert_array_equal(back, x)
+    assert len(frame) < x.nbytes + 64
 
 
 @pytest.mark.parametrize("typicality", [False, True])
