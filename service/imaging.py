@@ -17,6 +17,7 @@ import torch
 
 from service.errors import InvalidImage, InvalidInput, LimitExceeded
 from training.data import imaging
+from training.data.core import unit_float
 from training.data.imaging import ACCEPTED_FORMATS, Decoded, InputSpec
 
 __all__ = ["ACCEPTED_FORMATS", "Decoded", "InputSpec", "decode_image", "tensor_from_values", "unit_range"]
@@ -32,7 +33,7 @@ _NOT_NUMBERS = {
 def unit_range(x: torch.Tensor) -> torch.Tensor:
     """The network's input from either form a request's rows travel in: uint8 pixels (decoded image
     files; scaled by 1/255 here) or float32 already in [0, 1] (KServe v2 ``FP32`` tensors)."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+    return unit_float(x) if x.dtype == torch.uint8 else x
 
 
 def decode_image(data: bytes, spec: InputSpec, *, max_pixels: int) -> Decoded:

@@ -92,7 +92,7 @@ def decode_all(payload: ImagePayload, spec: InputSpec, max_pixels: int) -> tuple
         raise InvalidImage("no images in the request")
     # One torch call per request, none per image: torch ops on the event loop hand the GIL back and
     # forth with the inference thread (docs/benchmarks.md, "uint8 pixels").
-    pixels = decoded[0].pixels[None] if len(decoded) == 1 else np.stack([d.pixels for d in decoded])
+    pixels = decoded[0].array[None] if len(decoded) == 1 else np.stack([d.array for d in decoded])
     return torch.from_numpy(pixels), decoded
 
 

@@ -132,7 +132,13 @@ class ImageSet:
 
     def as_float(self) -> torch.Tensor:
         """Images as float32 in [0, 1], shape [N, C, H, W]."""
-        return self.images.to(torch.float32).div_(255.0)
+        return unit_float(self.images)
+
+
+def unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]: ``pixel / 255``, the one input scaling of every model
+    here (datasets, the service's decoded requests)."""
+    return pixels.to(torch.float32).div_(255.0)
 
 
 def from_numpy(

@@ -34,6 +34,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from training.data.core import unit_float
 from training.errors import ErcError
 
 __all__ = [
@@ -105,23 +106,17 @@ class Pixels:
 
 
 @dataclass
-class Decoded:
-    """One decoded image of a request: its uint8 pixels and what the file was.
+class Decoded(Pixels):
+    """One decoded image of a request: its :class:`Pixels`, and what the service reports of the file.
 
     The service batches the pixels as uint8 and scales them to [0, 1] in the inference thread
     (:func:`service.imaging.unit_range`): the event loop that decodes them runs no torch op.
     """
 
-    pixels: npt.NDArray[np.uint8]  # [C, H, W], values 0..255, C-contiguous
-    original_size: tuple[int, int]  # (width, height) as sent, after EXIF rotation
-    format: str
-    mode: str
-    resized: bool
-
     @property
     def tensor(self) -> torch.Tensor:
         """``[C, H, W]`` float32 in [0, 1]: ``pixel / 255``, the network's input."""
-        return torch.from_numpy(self.pixels).float().div_(255.0)
+        return unit_float(torch.from_numpy(self.array))
 
     def info(self) -> dict[str, Any]:
         return {
