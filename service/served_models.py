@@ -35,6 +35,9 @@ from training.formats import BLACK_BOX_NOTE
 log = logging.getLogger(__name__)
 
 PREFERRED_DEFAULT = "mnist-er"
+# How long a version leaving routing waits for the requests that already hold it (in this process,
+# and in every HTTP process when it runs in a model process) before its batcher stops.
+DRAIN_S = 5.0
 
 
 @dataclass
@@ -113,12 +116,14 @@ def _bucket_sizes(max_batch: int) -> list[int]:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, device: torch.device | None = None) -> None:
+        """``device``: where the engines run (default: ``settings.device`` resolved); a registry
+        that only mirrors another process's tables passes the CPU so that it never touches CUDA."""
         self.settings = settings
         self.models: dict[str, ServedModel] = {}  # name -> its default version (routing)
         self.versions: dict[tuple[str, str], ServedModel] = {}  # (name, entry) -> every version held
         self.unloaded: dict[str, str] = {}  # names unloaded by the repository -> why (for 404s)
-        self.device = resolve_device(settings.device)
+        self.device = device if device is not None else resolve_device(settings.device)
         self.default_name: str | None = None
         self._started: list[ServedModel] = []
 
@@ -303,7 +308,7 @@ class ModelRegistry:
         self._count()
         self._routed()
 
-    def unload(self, served: ServedModel, *, why: str, drain_s: float = 5.0) -> None:
+    def unload(self, served: ServedModel, *, why: str, drain_s: float = DRAIN_S) -> None:
         """Take ``served`` out of routing, let requests already on their way reach its batcher
         (up to ``drain_s``), finish what it holds, then stop it."""
         served.status = "unloading"

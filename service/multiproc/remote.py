@@ -42,7 +42,7 @@ from service.multiproc.protocol import (
     parse_result,
 )
 from service.repository import ModelRecords, Reconciler
-from service.served_models import ModelRegistry, ServedModel
+from service.served_models import DRAIN_S, ModelRegistry, ServedModel
 from service.settings import Settings
 from training.card import CardError, ModelCard, read_card
 from training.formats import Capabilities
@@ -271,15 +271,9 @@ class EngineView:
 class RemoteRegistry(ModelRegistry):
     """The routing tables of :class:`ModelRegistry`, mirrored from the model process."""
 
-    def __init__(self, settings: Settings) -> None:  # no super().__init__: no device here
+    def __init__(self, settings: Settings) -> None:
         assert settings.model_process_socket is not None
-        self.settings = settings
-        self.models = {}
-        self.versions = {}
-        self.unloaded = {}
-        self.device = torch.device("cpu")
-        self.default_name = None
-        self._started = []
+        super().__init__(settings, device=torch.device("cpu"))  # the engines live elsewhere
         self.client = ModelProcessClient(settings.model_process_socket, self._apply_table)
         self._drains: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -326,7 +320,7 @@ class RemoteRegistry(ModelRegistry):
         self.unloaded = dict(table["unloaded"])
         self.default_name = table["default_name"]
 
-    async def _drain(self, key: tuple[str, str], batcher: RemoteBatcher, timeout_s: float = 5.0) -> None:
+    async def _drain(self, key: tuple[str, str], batcher: RemoteBatcher, timeout_s: float = DRAIN_S) -> None:
         """A version being unloaded: once no request here holds it (being read, decoded or sent:
         those still get their answer), say so to the model process, which then stops it."""
         try:
