@@ -38,9 +38,7 @@ def test_card_describes_every_figure() -> None:
     # One robust figure on the whole test set at the training eps, from a gradient attack at least
     # as strong as PGD-100 x 5 (APGD-CE-100 leaves 2 points less on these weights' predecessor).
     full_test_set = [
-        m
-        for m in card.metrics
-        if m["metric"] == "robust_accuracy" and m["eps"] == 0.3 and m["n"] == 10000
+        m for m in card.metrics if m["metric"] == "robust_accuracy" and m["eps"] == 0.3 and m["n"] == 10000
     ]
     assert full_test_set and all(m["attack"]["name"] in ("apgd", "pgd") for m in full_test_set)
     assert all(m["attack"]["steps"] >= 100 for m in full_test_set)
